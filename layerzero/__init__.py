@@ -1,0 +1,26 @@
+"""LayerZero: each op call runs the fastest kernel that can correctly run it on this machine.
+
+    import layerzero as lz
+    out = lz.attention(q, k, v, is_causal=True)
+    lz.which("attention", q, k, v, is_causal=True)   # -> "torch.sdpa"
+    print(lz.explain("attention", q, k, v, is_causal=True))
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import backends as _backends  # noqa: F401  (registers the built-in kernels)
+from .control import configure, lock, unlock, use
+from .doctor import doctor
+from .inspect import explain, kernels, which
+from .ops import attention, geglu, layer_norm, rms_norm, rope, sample, swiglu
+from .registry import register
+from .telemetry import metrics
+from .telemetry import reset as reset_metrics
+from .control import load_environment as _load_environment
+
+_load_environment()
+
+__all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "register",
+           "which", "explain", "kernels", "doctor", "metrics", "reset_metrics", "configure", "lock",
+           "unlock", "use"]

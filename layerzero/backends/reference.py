@@ -1,0 +1,9 @@
+"""The plain-PyTorch reference kernels (`reference.<op>`): always available, accept every valid
+call, lowest priority — the last resort and the test oracle."""
+from __future__ import annotations
+
+from .. import reference
+from ..registry import register
+
+for _op in ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample"):
+    register(_op, f"reference.{_op}", getattr(reference, _op), priority=0)

@@ -1,0 +1,136 @@
+"""FlexAttention (torch.nn.attention.flex_attention) as kernel `torch.flex`.
+
+Every feature becomes a `score_mod` or a block mask: causal (both alignments) and sliding windows
+are block masks (cached per shape and pattern, so fully masked blocks are skipped); the caller's
+mask, ALiBi and softcap are score mods; sinks use the returned log-sum-exp (CUDA only: compiled
+flex on CPU returns none). The compiled flex function is built once; mods come from fixed code so
+a configuration compiles once and is reused for later calls.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import threading
+
+import torch
+
+from ..registry import register
+from ._torch_version import TORCH
+
+_lock = threading.Lock()
+_compiled: dict[str, object] = {}
+
+
+def _flex(device_type: str):
+    """flex_attention compiled once per device type. CPU compiles static shapes: inductor's CPU
+    code for dynamic shapes fails to build for window masks (torch 2.13)."""
+    fn = _compiled.get(device_type)
+    if fn is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        with _lock:
+            fn = _compiled.setdefault(device_type, torch.compile(
+                flex_attention, dynamic=False if device_type == "cpu" else None))
+    return fn
+
+
+@functools.lru_cache(maxsize=256)
+def _block_mask(pattern, sq, sk, device):
+    """Block mask for causal/window patterns, cached per (pattern, shape, device); None when
+    the pattern masks nothing. Query i sits at key position i + off."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    is_causal, window, off = pattern
+    left, right = window if window is not None else (-1, -1)
+    # One small function per bound (a `keep = ki >= 0` seed trips an inductor CPU codegen bug).
+    conds = []
+    if is_causal:
+        conds.append(lambda qi, ki: ki <= qi + off)
+    if left >= 0:
+        conds.append(lambda qi, ki: ki >= qi + off - left)
+    if right >= 0:
+        conds.append(lambda qi, ki: ki <= qi + off + right)
+    if not conds:
+        return None
+
+    def mask_mod(b, h, qi, ki):
+        keep = conds[0](qi, ki)
+        for cond in conds[1:]:
+            keep = keep & cond(qi, ki)
+        return keep
+
+    return create_block_mask(mask_mod, None, None, sq, sk, device=device)
+
+
+def _score_mod(softcap, alibi, bool_mask, float_mask, off):
+    """A score_mod applying, in order, softcap, ALiBi and the caller's mask (tensors already
+    expanded to (B, H, Sq, Sk) or (B, H))."""
+    def mod(score, b, h, qi, ki):
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if alibi is not None:
+            score = score - alibi[b, h] * (qi + off - ki).abs()
+        if float_mask is not None:
+            score = score + float_mask[b, h, qi, ki]
+        if bool_mask is not None:
+            score = torch.where(bool_mask[b, h, qi, ki], score, -float("inf"))
+        return score
+    return mod
+
+
+def flex(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_slopes, sinks,
+         layout, causal_align):
+    if layout == "bshd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    b, hq, sq, _ = q.shape
+    sk = k.shape[2]
+    off = 0 if causal_align == "top_left" else sk - sq
+    block_mask = None
+    if is_causal or window is not None:
+        block_mask = _block_mask((is_causal, window, off), sq, sk, q.device)
+    score_mod = None
+    if softcap is not None or alibi_slopes is not None or attn_mask is not None:
+        alibi = None
+        if alibi_slopes is not None:
+            alibi = alibi_slopes.float().reshape(-1, hq).expand(b, hq)
+        bool_mask = float_mask = None
+        if attn_mask is not None:
+            full = attn_mask.expand(b, hq, sq, sk)
+            if attn_mask.dtype == torch.bool:
+                bool_mask = full
+            else:
+                float_mask = full.to(q.dtype if q.dtype == torch.float64 else torch.float32)
+        score_mod = _score_mod(softcap, alibi, bool_mask, float_mask, off)
+    if sinks is not None:
+        out, lse = _flex(q.device.type)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                           enable_gqa=hq != k.shape[1], return_lse=True)
+        keep = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1)).unsqueeze(-1)
+        out = (out.float() * keep).to(q.dtype)
+    else:
+        out = _flex(q.device.type)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                      enable_gqa=hq != k.shape[1])
+    return out.transpose(1, 2) if layout == "bshd" else out
+
+
+def supports(spec) -> list[str]:
+    r = []
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return [f"torch {torch.__version__} has no FlexAttention"]
+    if spec.device == "cpu":
+        if TORCH < (2, 6):
+            r.append(f"FlexAttention on CPU needs torch >= 2.6, have {torch.__version__}")
+        if spec.grad:
+            r.append("compiled FlexAttention on CPU is inference-only (inputs require grad)")
+        if spec.sinks:
+            r.append("compiled FlexAttention on CPU returns no log-sum-exp, needed for sinks")
+    elif spec.device != "cuda":
+        r.append(f"device {spec.device!r} is not supported (cpu, cuda)")
+    if spec.dropout:
+        r.append("FlexAttention has no dropout")
+    if spec.head_dim_v != spec.head_dim:
+        r.append("FlexAttention needs v's head_dim equal to q's")
+    if spec.device == "cuda" and (spec.head_dim < 16 or spec.head_dim & (spec.head_dim - 1)):
+        r.append(f"FlexAttention on CUDA needs a power-of-two head_dim >= 16, got {spec.head_dim}")
+    return r
+
+
+register("attention", "torch.flex", flex, priority=30, supports=supports)

@@ -1,0 +1,65 @@
+"""The small, hashable description of one op call: the key of every decision.
+
+Selection, policies and (later) measured timings see a call only through a `CallSpec`; kernels'
+`supports(spec)` read its fields. Fields that don't apply to an op keep their defaults.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import NamedTuple
+
+import torch
+
+
+class CallSpec(NamedTuple):
+    op: str
+    device: str                  # "cpu", "cuda", ...
+    sm: int                      # CUDA compute capability x10 (90 = H100); 0 elsewhere
+    dtype: torch.dtype
+    batch: int = 1               # rows for norms / MLPs / sampling
+    num_heads: int = 0
+    num_kv_heads: int = 0
+    seq_len_q: int = 0
+    seq_len_k: int = 0
+    head_dim: int = 0            # attention/rope: head_dim; norms/MLP: hidden size; sample: vocab
+    head_dim_v: int = 0
+    layout: str = "bhsd"
+    causal: bool = False
+    causal_align: str = "top_left"
+    mask: str = "none"           # "none" | "bool" | "float"
+    window: tuple[int, int] | None = None
+    softcap: bool = False
+    alibi: bool = False
+    sinks: bool = False
+    dropout: bool = False
+    grad: bool = False           # autograd will need a backward
+    flags: frozenset = frozenset()  # op-specific: residual, offset, bias, interleaved, partial, ...
+
+    def as_dict(self) -> dict:
+        d = self._asdict()
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        d["flags"] = sorted(self.flags)
+        return d
+
+
+def sdpa_expressible(spec: CallSpec) -> bool:
+    """An attention call F.scaled_dot_product_attention takes as it is: (B, H, S, D) layout, no
+    window/softcap/ALiBi/sinks, and causal alignment that doesn't matter or is top-left."""
+    return (spec.layout == "bhsd" and spec.mask == "none" and spec.window is None
+            and not (spec.softcap or spec.alibi or spec.sinks)
+            and (not spec.causal or spec.causal_align == "top_left" or spec.seq_len_q == spec.seq_len_k))
+
+
+@lru_cache(maxsize=64)
+def device_sm(device: torch.device) -> int:
+    """Compute capability x10 of a CUDA device, 0 for other devices."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def needs_grad(*tensors) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)

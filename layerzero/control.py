@@ -1,0 +1,149 @@
+"""Configuration that steers selection: policy, locks, strict mode, scoped `use` preferences.
+
+Every change bumps `generation` and tells the dispatcher to drop its cached decisions, so it takes
+effect on the next call. `use` preferences are thread-local and part of the decision key.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from typing import Callable
+
+from . import policy as _policy
+from . import registry
+
+log = logging.getLogger("layerzero")
+
+
+class _Local(threading.local):
+    prefs: tuple = ()          # ((kernel id or backend, op or None), ...), innermost last
+
+
+local = _Local()
+uses_active = 0                # `use` blocks open in any thread: 0 lets ops skip `local`
+generation = 0
+strict = False
+file_policy = _policy.Policy()
+lock_rules: tuple = ()         # from lz.lock(), after the file policy: they win
+effective = _policy.Policy()
+_listeners: list[Callable[[], None]] = []
+_lock = threading.RLock()
+
+
+def on_change(callback: Callable[[], None]) -> None:
+    _listeners.append(callback)
+
+
+def changed() -> None:
+    global generation
+    with _lock:
+        generation += 1
+    for cb in _listeners:
+        cb()
+
+
+registry.on_change(changed)
+
+
+def _rebuild() -> None:
+    global effective
+    effective = _policy.Policy(file_policy.locks + lock_rules, file_policy.allow,
+                               file_policy.deny, file_policy.boosts, file_policy.sources)
+    changed()
+
+
+def configure(*, policy=None, strict: bool | None = None) -> None:
+    """Set the selection policy (a dict, a YAML path, or a list of them) and/or strict mode.
+
+    `policy={}` clears it. `strict=True` turns every runtime fallback into an error.
+    """
+    global file_policy
+    g = globals()
+    with _lock:
+        if strict is not None:
+            if not isinstance(strict, bool):
+                raise TypeError(f"strict must be a bool, got {strict!r}")
+            g["strict"] = strict
+        if policy is not None:
+            file_policy = _policy.load(policy)
+        _rebuild()
+
+
+def lock(op: str, kernel_id: str, **when) -> None:
+    """Force `kernel_id` for `op` (only for calls matching `when`, if given).
+
+    A call the locked kernel can't run raises ValueError with the kernel's reasons.
+    """
+    global lock_rules
+    registry.check_op(op)
+    k = registry.get(kernel_id)
+    if k.op != op:
+        raise ValueError(f"kernel {kernel_id!r} implements op {k.op!r}, not {op!r}")
+    rule = _policy.Rule(kernel=kernel_id, op=op, when=_policy.parse_when(when or None, "lz.lock"))
+    with _lock:
+        lock_rules = lock_rules + (rule,)
+        _rebuild()
+
+
+def unlock(op: str) -> None:
+    """Remove the locks `lz.lock` set for `op` (policy-file locks stay)."""
+    global lock_rules
+    registry.check_op(op)
+    with _lock:
+        lock_rules = tuple(r for r in lock_rules if r.op != op)
+        _rebuild()
+
+
+def _check_target(target: str, op: str | None) -> None:
+    if not isinstance(target, str):
+        raise TypeError(f"use() takes a kernel id or backend name, got {type(target).__name__}")
+    if op is not None:
+        registry.check_op(op)
+    if "." in target:
+        k = registry.get(target)
+        if op is not None and k.op != op:
+            raise ValueError(f"kernel {target!r} implements op {k.op!r}, not {op!r}")
+    elif target not in registry.backends():
+        raise ValueError(f"unknown backend {target!r}; known backends: {', '.join(registry.backends())}")
+
+
+@contextlib.contextmanager
+def use(target: str, op: str | None = None):
+    """Within the block (this thread only) run `target` — a kernel id or a backend — for `op`
+    (or every op it implements). A call the preferred kernels can't run raises ValueError
+    with their reasons rather than silently running something else."""
+    global uses_active
+    _check_target(target, op)
+    old = local.prefs
+    local.prefs = old + ((target, op),)
+    with _lock:
+        uses_active += 1
+    try:
+        yield
+    finally:
+        local.prefs = old
+        with _lock:
+            uses_active -= 1
+
+
+def load_environment() -> None:
+    """Apply LAYERZERO_POLICY, LAYERZERO_STRICT and LAYERZERO_LOG."""
+    level = os.environ.get("LAYERZERO_LOG")
+    if level:
+        if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"LAYERZERO_LOG={level!r}; allowed: debug, info, warning, error, critical")
+        log.setLevel(level.upper())
+        if not log.handlers:
+            h = logging.StreamHandler()
+            h.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+            log.addHandler(h)
+    flag = os.environ.get("LAYERZERO_STRICT")
+    if flag:
+        if flag.lower() not in ("0", "1", "true", "false", "yes", "no"):
+            raise ValueError(f"LAYERZERO_STRICT={flag!r}; allowed: 0, 1, true, false, yes, no")
+        configure(strict=flag.lower() in ("1", "true", "yes"))
+    path = os.environ.get("LAYERZERO_POLICY")
+    if path:
+        configure(policy=path)

@@ -1,0 +1,43 @@
+"""Seeing what happens: which, explain, kernels."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from . import dispatch, ops, registry
+
+
+class KernelInfo(NamedTuple):
+    id: str
+    op: str
+    backend: str
+    available: bool
+    reason: str | None
+
+
+def explain(op, *args, **kwargs):
+    """The decision `lz.<op>(*args, **kwargs)` would make: `.chosen`, `.candidates` (every kernel
+    of the op with `.kernel`, `.status`, `.reasons`, `.score`), `.spec`; `str()` is a table."""
+    if not isinstance(op, str):
+        raise TypeError(f"explain(op, *args, **kwargs) takes an op name ({', '.join(registry.OPS)}); "
+                        f"got {type(op).__name__}")
+    registry.check_op(op)
+    spec, _ = ops.describe(op, args, kwargs)
+    return dispatch.decide(spec)
+
+
+def which(op: str, *args, **kwargs) -> str:
+    """The kernel id the same `lz.<op>(*args, **kwargs)` call would run."""
+    d = explain(op, *args, **kwargs)
+    if d.error:
+        raise ValueError(d.error)
+    return d.chosen
+
+
+def kernels(op: str | None = None) -> list[KernelInfo]:
+    """Every registered kernel (of `op`, if given): (id, op, backend, available, reason)."""
+    ks = registry.op_kernels(op) if op is not None else registry.all_kernels()
+    out = []
+    for k in ks:
+        why = registry.unavailable_reason(k)
+        out.append(KernelInfo(k.id, k.op, k.backend, why is None, why))
+    return out

@@ -1,0 +1,170 @@
+"""The public ops. Each builds a raw cache key from its arguments' metadata and hands the call to
+`dispatch.call`, which runs the cached kernel or validates, selects and caches on a miss.
+
+Kernels receive the op's arguments positionally, in the order of the op's signature.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from . import control, dispatch, health, validate
+from .validate import window_tuple
+
+_local = control.local
+_grad_mode = getattr(torch._C, "is_grad_enabled", torch.is_grad_enabled)
+_fast = dispatch.fast
+_breakers = health.state
+
+
+def _sig(t):
+    """Metadata of an optional tensor argument that validation depends on."""
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return (t.shape, t.dtype, t.device)
+    return (type(t),)  # not a tensor: never cached, validation raises
+
+
+def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0, window=None,
+              softcap=None, alibi_slopes=None, sinks=None, layout="bhsd", causal_align="top_left"):
+    """Scaled dot-product attention; the fastest kernel that can run this call runs it.
+
+    q: (B, Hq, Sq, D) for layout="bhsd" or (B, Sq, Hq, D) for "bshd"; k, v: (B, Hkv, Sk, D[v])
+    in the same layout, Hq a multiple of Hkv (GQA/MQA, no repeat needed). Returns q's layout.
+
+    attn_mask: bool (True = attend) or additive float, broadcastable to (B, Hq, Sq, Sk).
+    is_causal with causal_align "top_left" (SDPA: query i sees keys j <= i) or "bottom_right"
+    (flash-attn: j <= i + Sk - Sq). For Sq=2, Sk=4 ("x" = attended)::
+
+        top_left:  x . . .     bottom_right:  x x x .
+                   x x . .                    x x x x
+
+    window=(left, right): query i sees keys i+off-left <= j <= i+off+right (inclusive, -1 =
+    unbounded, off aligned as the causal mask). softcap: scores = softcap * tanh(scores / softcap).
+    alibi_slopes (Hq,) or (B, Hq): score -= slope * |i + off - j|. sinks (Hq,): per-head logits
+    joining the softmax denominator only. A query with no key to attend returns zeros.
+    """
+    if attn_mask is None and window is None and softcap is None and alibi_slopes is None and sinks is None:
+        opt = None
+    else:
+        window = window_tuple(window)
+        opt = (_sig(attn_mask), window, softcap, _sig(alibi_slopes), _sig(sinks))
+    try:
+        # k/v dtypes and devices are left out of the key (reading them costs more than the rest
+        # of the lookup): F.scaled_dot_product_attention checks they match q's itself, and other
+        # kernels get the dtype check below; a kernel that raises goes through dispatch.recover,
+        # which re-validates and names the argument. Grad mode is in the key; whether the inputs
+        # require grad is read only when the cached kernel could not run backward.
+        key = ("attention", q.shape, k.shape, v.shape, q.dtype, q.device, is_causal, scale,
+               dropout_p, layout, causal_align, opt, _grad_mode(),
+               _local.prefs if control.uses_active else ())
+        e = _fast[key]
+        if not e.grad_ok and (q.requires_grad or k.requires_grad or v.requires_grad):
+            key = (key, "requires_grad")
+            e = _fast[key]
+    except KeyError:
+        e = None
+    except AttributeError:  # not tensors: validation says which argument is wrong
+        key = e = None
+    if e is not None and not _breakers:
+        try:
+            if e.plain is not None:  # F.scaled_dot_product_attention's own signature
+                out = (e.plain(q, k, v, None, dropout_p, is_causal) if scale is None
+                       else e.plain(q, k, v, None, dropout_p, is_causal, scale=scale))
+            elif k.dtype is not q.dtype or v.dtype is not q.dtype:
+                raise TypeError("k/v dtype differs from q's")
+            else:
+                out = e.fn(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap,
+                           alibi_slopes, sinks, layout, causal_align)
+        except Exception as exc:
+            return dispatch.recover(e, (q, k, v, attn_mask, is_causal, scale, dropout_p, window,
+                                        softcap, alibi_slopes, sinks, layout, causal_align),
+                                    validate.attention, exc)
+        next(e.hits)
+        return out
+    return dispatch.call(key, (q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap,
+                               alibi_slopes, sinks, layout, causal_align), validate.attention)
+
+
+def rms_norm(x, weight, eps=1e-6, *, residual=None, offset=0.0):
+    """y = x / sqrt(mean(x^2, -1) + eps) * (offset + weight), computed in fp32, returned in x's
+    dtype. With `residual`: x = x + residual first, returns (y, x + residual). offset=1.0 is
+    Gemma's (1 + w) form. `weight` may be None (no scale)."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+    key = ("rms_norm", x.shape, x.dtype, x.device, _sig(weight), eps, _sig(residual), offset, grad,
+           _local.prefs)
+    return dispatch.call(key, (x, weight, eps, residual, offset), validate.rms_norm)
+
+
+def layer_norm(x, weight, bias, eps=1e-5, *, residual=None):
+    """As F.layer_norm over the last dim (weight/bias may be None); residual as in rms_norm."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+    key = ("layer_norm", x.shape, x.dtype, x.device, _sig(weight), _sig(bias), eps, _sig(residual),
+           grad, _local.prefs)
+    return dispatch.call(key, (x, weight, bias, eps, residual), validate.layer_norm)
+
+
+def rope(q, k, cos, sin, *, layout="bhsd", interleaved=False):
+    """Rotary embedding as transformers' apply_rotary_pos_emb -> (q, k).
+
+    cos/sin: (S, D_rot) or (B, S, D_rot); the first D_rot features of each head rotate, the rest
+    pass through (partial rotary). interleaved=False rotates halves (llama); True rotates adjacent
+    pairs (GPT-J), with cos/sin holding each angle twice in adjacent positions."""
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    key = ("rope", q.shape, k.shape, q.dtype, k.dtype, q.device, k.device, _sig(cos), _sig(sin),
+           layout, interleaved, grad, _local.prefs)
+    return dispatch.call(key, (q, k, cos, sin, layout, interleaved), validate.rope)
+
+
+def swiglu(gate, up):
+    """silu(gate) * up, elementwise."""
+    grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
+    key = ("swiglu", gate.shape, up.shape, gate.dtype, up.dtype, gate.device, up.device, grad,
+           _local.prefs)
+    return dispatch.call(key, (gate, up), validate.swiglu)
+
+
+def geglu(gate, up, approximate="none"):
+    """gelu(gate, approximate) * up, elementwise."""
+    grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
+    key = ("geglu", gate.shape, up.shape, gate.dtype, up.dtype, gate.device, up.device, approximate,
+           grad, _local.prefs)
+    return dispatch.call(key, (gate, up, approximate), validate.geglu)
+
+
+def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, generator=None):
+    """One token id per row of (B, V) logits -> LongTensor (B,). temperature=0 is greedy;
+    top_k / top_p / min_p filter as transformers' logits warpers (in that order)."""
+    gen = None if generator is None else (type(generator), getattr(generator, "device", None))
+    key = ("sample", logits.shape, logits.dtype, logits.device, temperature, top_k, top_p, min_p,
+           gen, _local.prefs)
+    return dispatch.call(key, (logits, temperature, top_k, top_p, min_p, generator), validate.sample)
+
+
+PUBLIC = {"attention": attention, "rms_norm": rms_norm, "layer_norm": layer_norm, "rope": rope,
+          "swiglu": swiglu, "geglu": geglu, "sample": sample}
+DESCRIBE = {"attention": validate.attention, "rms_norm": validate.rms_norm,
+            "layer_norm": validate.layer_norm, "rope": validate.rope, "swiglu": validate.swiglu,
+            "geglu": validate.geglu, "sample": validate.sample}
+
+
+def bind(op: str, args, kwargs) -> tuple:
+    """The op's arguments in signature order, defaults filled, as kernels receive them."""
+    sig = inspect.signature(PUBLIC[op])
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"lz.{op}{sig}: {e}") from None
+    bound.apply_defaults()
+    vals = tuple(bound.arguments.values())
+    if op == "attention" and vals[7] is not None:
+        vals = vals[:7] + (window_tuple(vals[7]),) + vals[8:]
+    return vals
+
+
+def describe(op: str, args, kwargs):
+    """(CallSpec, bound args) for `lz.<op>(*args, **kwargs)`, validating like the op does."""
+    vals = bind(op, args, kwargs)
+    return DESCRIBE[op](*vals), vals

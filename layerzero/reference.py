@@ -1,0 +1,202 @@
+"""Plain-PyTorch reference implementations of every op.
+
+They define the semantics (see API.md), serve as the test oracle (run in float64) and are the
+last-resort kernels (`reference.<op>`), so they accept every valid call. Attention is computed in
+float32 (float64 for float64 inputs) and returned in the input dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_allowed(sq: int, sk: int, *, is_causal: bool, window, causal_align: str,
+                      device) -> torch.Tensor | None:
+    """Bool (Sq, Sk) matrix of the positions that causal/window leave attendable, or None.
+
+    Query i sits at key position i + off, off = 0 (top_left) or Sk - Sq (bottom_right).
+    """
+    if not is_causal and window is None:
+        return None
+    off = 0 if causal_align == "top_left" else sk - sq
+    i = torch.arange(sq, device=device).unsqueeze(1) + off  # (Sq, 1)
+    j = torch.arange(sk, device=device).unsqueeze(0)        # (1, Sk)
+    allowed = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    if is_causal:
+        allowed &= j <= i
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            allowed &= j >= i - left
+        if right >= 0:
+            allowed &= j <= i + right
+    return allowed
+
+
+def alibi_bias(slopes: torch.Tensor, sq: int, sk: int, causal_align: str, dtype) -> torch.Tensor:
+    """ALiBi as an additive bias: (B or 1, Hq, Sq, Sk) = -slope * |i + off - j|."""
+    off = 0 if causal_align == "top_left" else sk - sq
+    i = torch.arange(sq, device=slopes.device).unsqueeze(1) + off
+    j = torch.arange(sk, device=slopes.device).unsqueeze(0)
+    dist = (i - j).abs().to(dtype)                          # (Sq, Sk)
+    s = slopes.to(dtype)
+    s = s.reshape(1, -1, 1, 1) if s.dim() == 1 else s.reshape(s.shape[0], s.shape[1], 1, 1)
+    return -s * dist
+
+
+def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0, window=None,
+              softcap=None, alibi_slopes=None, sinks=None, layout="bhsd", causal_align="top_left",
+              *, upcast=True):
+    """Reference attention: every feature of `lz.attention`, by materialising the scores.
+
+    upcast=False computes in the input dtype: the "plain PyTorch in the same dtype" baseline of
+    the flash-attention test rule.
+    """
+    if layout == "bshd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    dt = _compute_dtype(q.dtype) if upcast else q.dtype
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
+    if hkv != hq:  # GQA/MQA: query head h reads kv head h // (Hq / Hkv)
+        kf = kf.repeat_interleave(hq // hkv, dim=1)
+        vf = vf.repeat_interleave(hq // hkv, dim=1)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale       # (B, Hq, Sq, Sk)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, sq, sk, causal_align, dt)
+    allowed = attention_allowed(sq, sk, is_causal=is_causal, window=window,
+                                causal_align=causal_align, device=q.device)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = attn_mask if allowed is None else (allowed & attn_mask)
+        else:
+            scores = scores + attn_mask.to(dt)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    rowmax = scores.amax(dim=-1, keepdim=True)                     # (B, Hq, Sq, 1)
+    if sinks is not None:
+        rowmax = torch.maximum(rowmax, sinks.to(dt).reshape(1, -1, 1, 1))
+    rowmax = torch.where(torch.isfinite(rowmax), rowmax, torch.zeros_like(rowmax))
+    p = torch.exp(scores - rowmax)                                 # masked -> exp(-inf) = 0
+    denom = p.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        denom = denom + torch.exp(sinks.to(dt).reshape(1, -1, 1, 1) - rowmax)
+    p = p / torch.where(denom > 0, denom, torch.ones_like(denom))  # empty rows stay 0
+    if dropout_p > 0.0:
+        p = F.dropout(p, p=dropout_p)
+    out = torch.matmul(p, vf).to(q.dtype)                          # (B, Hq, Sq, Dv)
+    return out.transpose(1, 2) if layout == "bshd" else out
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None, offset=0.0):
+    """y = x / rms(x) * (offset + weight) in float32 (float64 for float64), cast to x's dtype."""
+    if residual is not None:
+        x = x + residual
+    dt = _compute_dtype(x.dtype)
+    xf = x.to(dt)
+    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * (offset + weight.to(dt))
+    y = y.to(x.dtype)
+    return (y, x) if residual is not None else y
+
+
+def layer_norm(x, weight, bias, eps=1e-5, residual=None):
+    """As F.layer_norm over the last dim, computed in float32 (float64 for float64)."""
+    if residual is not None:
+        x = x + residual
+    dt = _compute_dtype(x.dtype)
+    xf = x.to(dt)
+    mean = xf.mean(dim=-1, keepdim=True)
+    var = (xf - mean).pow(2).mean(dim=-1, keepdim=True)
+    y = (xf - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(dt)
+    if bias is not None:
+        y = y + bias.to(dt)
+    y = y.to(x.dtype)
+    return (y, x) if residual is not None else y
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_interleaved(x):
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def rope(q, k, cos, sin, layout="bhsd", interleaved=False):
+    """Rotary embedding as transformers' apply_rotary_pos_emb; partial when D_rot < head_dim.
+
+    x_rot = x * cos + rotate(x) * sin over the first D_rot features. rotate is rotate_half
+    (llama: cos/sin hold each angle twice, in halves) or, with interleaved=True, GPT-J's
+    rotate_every_two (cos/sin hold each angle twice, in adjacent pairs).
+    """
+    rot = cos.shape[-1]
+    if cos.dim() == 2:                                  # (S, D_rot) -> (1, S, D_rot)
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    head_axis = 1 if layout == "bhsd" else 2            # broadcast over heads
+    c, s = cos.unsqueeze(head_axis), sin.unsqueeze(head_axis)
+    rotate = _rotate_interleaved if interleaved else _rotate_half
+
+    def apply(x):
+        dt = _compute_dtype(x.dtype)
+        xr, xp = x[..., :rot], x[..., rot:]
+        y = (xr.to(dt) * c.to(dt) + rotate(xr.to(dt)) * s.to(dt)).to(x.dtype)
+        return torch.cat((y, xp), dim=-1) if xp.shape[-1] else y
+
+    return apply(q), apply(k)
+
+
+def swiglu(gate, up):
+    """silu(gate) * up."""
+    return F.silu(gate) * up
+
+
+def geglu(gate, up, approximate="none"):
+    """gelu(gate) * up."""
+    return F.gelu(gate, approximate=approximate) * up
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None, min_p=None):
+    """transformers' warpers in their order: temperature, top-k, top-p, min-p (float32 logits)."""
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    neg = float("-inf")
+    if top_k is not None and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, neg)
+    if top_p is not None and top_p < 1.0:
+        sorted_x, idx = torch.sort(x, descending=False)
+        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - top_p)
+        remove[..., -1:] = False                                    # keep at least one token
+        x = x.masked_fill(remove.scatter(-1, idx, remove), neg)
+    if min_p is not None:
+        probs = x.softmax(dim=-1)
+        remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+        remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+        x = x.masked_fill(remove, neg)
+    return x
+
+
+def sample(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, generator=None):
+    """One token per row of (B, V) logits; temperature 0 is greedy."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    x = filter_logits(logits, temperature, top_k, top_p, min_p)
+    probs = x.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

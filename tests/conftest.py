@@ -1,0 +1,18 @@
+import pytest
+import torch
+
+import layerzero as lz
+from layerzero import control, health
+
+
+@pytest.fixture(autouse=True)
+def clean_state():
+    """Every test starts with no policy, no locks, strict off, fresh metrics and breakers."""
+    lz.configure(policy={}, strict=False)
+    for op in ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample"):
+        lz.unlock(op)
+    health.reset()
+    lz.reset_metrics()
+    torch.manual_seed(0)
+    yield
+    assert control.local.prefs == (), "a test leaked an lz.use() block"
