@@ -107,6 +107,8 @@ def flash_cpu(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, 
     if TORCH < (2, 6) and qh.shape[1] != kh.shape[1]:
         rep = qh.shape[1] // kh.shape[1]
         kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
+    if mask is not None and mask.dim() not in (2, 4):  # the CPU op takes 2-D or 4-D masks
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     out, lse = _FLASH_CPU(qh, kh, vh, 0.0, causal, attn_mask=mask, scale=scale)  # lse: (B, H, Sq)
     if sinks is not None:  # softmax over [scores, sink] = softmax(scores) * sigmoid(lse - sink)
         keep = torch.sigmoid(lse - sinks.float().view(1, -1, 1)).unsqueeze(-1)
