@@ -16,11 +16,14 @@ from .inspect import explain, kernels, which
 from .ops import attention, geglu, layer_norm, rms_norm, rope, sample, swiglu
 from .registry import register
 from .telemetry import metrics
+from .telemetry import opentelemetry as metrics_opentelemetry
 from .telemetry import reset as reset_metrics
+from .telemetry import serve as metrics_server
 from .control import load_environment as _load_environment
 
 _load_environment()
 
 __all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "register",
-           "which", "explain", "kernels", "doctor", "metrics", "reset_metrics", "configure", "lock",
+           "which", "explain", "kernels", "doctor", "metrics", "reset_metrics", "metrics_server",
+           "metrics_opentelemetry", "configure", "lock",
            "unlock", "use"]

@@ -81,7 +81,8 @@ def lock(op: str, kernel_id: str, **when) -> None:
     k = registry.get(kernel_id)
     if k.op != op:
         raise ValueError(f"kernel {kernel_id!r} implements op {k.op!r}, not {op!r}")
-    rule = _policy.Rule(kernel=kernel_id, op=op, when=_policy.parse_when(when or None, "lz.lock"))
+    rule = _policy.Rule(kernel=kernel_id, op=op, origin=f"lz.lock({op!r}, {kernel_id!r})",
+                        when=_policy.parse_when(when or None, f"lz.lock({op!r}, {kernel_id!r})"))
     with _lock:
         lock_rules = lock_rules + (rule,)
         _rebuild()

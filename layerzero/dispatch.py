@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 
 from . import control, health, registry, telemetry
@@ -67,14 +68,24 @@ def decide(spec, prefs=None) -> Decision:
     d = decisions.get(dkey)
     if d is None:
         gen = control.generation
+        t0 = time.perf_counter()
         d = select(spec, registry.op_kernels(spec.op), control.effective, prefs)
-        telemetry.count_selection()
+        took = time.perf_counter() - t0
+        telemetry.record_selection(took)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("new decision for %s\n%s", spec, d)
+            log.debug("new decision in %.0f us for %s%s\n%s", took * 1e6, _brief(spec),
+                      f" under lz.use{prefs}" if prefs else "", d)
         with _lock:
             if gen == control.generation:
                 _bounded_put(decisions, dkey, d)
     return d
+
+
+def _brief(spec) -> str:
+    """The fields of a CallSpec that differ from their defaults, for the debug log."""
+    defaults = {**spec._field_defaults, "sm": 0, "flags": []}
+    return ", ".join(f"{k}={v}" for k, v in spec.as_dict().items()
+                     if k not in defaults or v != defaults[k])
 
 
 def call(key, args, describe):
