@@ -184,12 +184,15 @@ def test_float64_inputs_run():
 
 
 def test_default_choice_on_cpu():
-    """Plain calls go to SDPA; softcap (which SDPA can't express) to FlexAttention; sinks to
-    the flash-CPU kernel, which returns the log-sum-exp they need."""
+    """Plain calls go to SDPA; softcap (which SDPA can't express) to FlexAttention when the call
+    is big enough to repay its compile, else to the reference; sinks to the flash-CPU kernel,
+    which returns the log-sum-exp they need."""
     q, k, v = (torch.randn(1, 4, 8, 16) for _ in range(3))
     assert lz.which("attention", q, k, v, is_causal=True) == "torch.sdpa"
-    assert lz.which("attention", q, k, v, softcap=30.0) == "torch.flex"
+    assert lz.which("attention", q, k, v, softcap=30.0) == "reference.attention"
+    big = torch.randn(1, 1, 512, 16)
+    assert lz.which("attention", big, big, big, softcap=30.0) == "torch.flex"
     assert lz.which("attention", q, k, v, sinks=torch.randn(4)) == "torch.sdpa_flash"
     with torch.enable_grad():
-        qg = q.clone().requires_grad_()
-        assert lz.which("attention", qg, k, v, softcap=30.0) == "reference.attention"
+        bg = big.clone().requires_grad_()
+        assert lz.which("attention", bg, big, big, softcap=30.0) == "reference.attention"

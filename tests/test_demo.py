@@ -21,6 +21,6 @@ def test_overhead_benchmark_runs(tmp_path):
 def test_demo_runs():
     r = subprocess.run([sys.executable, "examples/demo.py"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    for text in ("LayerZero doctor", "chosen: torch.flex", "chosen: torch.sdpa_flash",
+    for text in ("LayerZero doctor", "chosen: reference.attention", "chosen: torch.sdpa_flash",
                  "chosen: torch.rms_norm", "ratio t(lz)/t(sdpa)"):
         assert text in r.stdout

@@ -110,7 +110,7 @@ def test_invalid_input_on_a_cached_key_is_an_error_not_a_fallback():
         lz.attention(q, k, v.half())
     with pytest.raises(ValueError, match="k is on meta but q is on cpu"):
         lz.attention(q, k.to("meta"), v)
-    lz.attention(q, k, v, softcap=3.0)                            # flex (not SDPA) cached
+    lz.attention(q, k, v, softcap=3.0)                            # a kernel other than SDPA cached
     with pytest.raises(TypeError, match="k has dtype torch.bfloat16"):
         lz.attention(q, k.bfloat16(), v, softcap=3.0)
     assert lz.metrics()["fallbacks"] == {}

@@ -33,14 +33,15 @@ def test_explain_lists_every_kernel_with_status_and_reasons(qkv):
     ids = [c.kernel for c in e.candidates]
     assert sorted(ids) == sorted(k.id for k in registry.op_kernels("attention"))
     by = {c.kernel: c for c in e.candidates}
-    assert e.chosen == "torch.flex" and by["torch.flex"].status == "chosen"
+    assert e.chosen == "reference.attention" and by["reference.attention"].status == "chosen"
     assert by["torch.sdpa"].status == "rejected" and "softcap" in by["torch.sdpa"].reasons[0]
-    assert by["reference.attention"].status == "eligible" and by["reference.attention"].reasons == []
+    assert by["torch.flex"].status == "eligible" and by["torch.flex"].reasons == []
+    assert by["torch.flex"].score < by["reference.attention"].score
     for c in e.candidates:
         assert (c.reasons == []) == (c.status in ("chosen", "eligible"))
         assert (c.score is not None) == (c.status in ("chosen", "eligible"))
     text = str(e)
-    assert "torch.flex" in text and "chosen: torch.flex" in text and "softcap has no SDPA" in text
+    assert "torch.flex" in text and "chosen: reference.attention" in text and "softcap has no SDPA" in text
 
 
 def test_which_matches_the_kernel_that_runs(qkv):

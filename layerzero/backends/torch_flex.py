@@ -3,14 +3,15 @@
 Every feature becomes a `score_mod` or a block mask: causal (both alignments) and sliding windows
 are block masks (cached per shape and pattern, so fully masked blocks are skipped); the caller's
 mask, ALiBi and softcap are score mods; sinks use the returned log-sum-exp (CUDA only: compiled
-flex on CPU returns none). The compiled flex function is built once; mods come from fixed code so
-a configuration compiles once and is reused for later calls.
+flex on CPU returns none). Each configuration gets its own compiled function (see `_compiled`),
+so it compiles once and is reused by later calls.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import threading
+import types
 
 import torch
 
@@ -18,19 +19,28 @@ from ..registry import register
 from ._torch_version import TORCH
 
 _lock = threading.Lock()
-_compiled: dict[str, object] = {}
 
 
-def _flex(device_type: str):
-    """flex_attention compiled once per device type. CPU compiles static shapes: inductor's CPU
-    code for dynamic shapes fails to build for window masks (torch 2.13)."""
-    fn = _compiled.get(device_type)
-    if fn is None:
-        from torch.nn.attention.flex_attention import flex_attention
-        with _lock:
-            fn = _compiled.setdefault(device_type, torch.compile(
-                flex_attention, dynamic=False if device_type == "cpu" else None))
-    return fn
+def _run_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                          enable_gqa=enable_gqa, return_lse=return_lse)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(config: tuple):
+    """flex_attention compiled for one configuration, with a code object of its own.
+
+    torch.compile keeps its cache, and its recompile limit (8), per code object: sharing one
+    compiled flex between configurations would, past 8 of them, silently fall back to the
+    unfused eager path. A fresh code object per configuration keeps each compiled once. CPU
+    compiles static shapes (inductor's CPU code for dynamic shapes fails to build window masks
+    in torch 2.13); CUDA lets sequence lengths vary."""
+    with _lock:
+        code = _run_flex.__code__.replace(co_name=f"flex_{abs(hash(config)):x}")
+        fn = types.FunctionType(code, _run_flex.__globals__, code.co_name)
+        return torch.compile(fn, dynamic=False if config[0] == "cpu" else None)
 
 
 @functools.lru_cache(maxsize=256)
@@ -41,6 +51,7 @@ def _block_mask(pattern, sq, sk, device):
 
     is_causal, window, off = pattern
     left, right = window if window is not None else (-1, -1)
+    off = torch.tensor(off, device=device)  # a tensor, not an int: no recompile per offset
     # One small function per bound (a `keep = ki >= 0` seed trips an inductor CPU codegen bug).
     conds = []
     if is_causal:
@@ -99,15 +110,20 @@ def flex(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi
                 bool_mask = full
             else:
                 float_mask = full.to(q.dtype if q.dtype == torch.float64 else torch.float32)
-        score_mod = _score_mod(softcap, alibi, bool_mask, float_mask, off)
+        score_mod = _score_mod(softcap, alibi, bool_mask, float_mask,
+                               torch.tensor(off, device=q.device) if alibi is not None else 0)
+    # One configuration: what changes the traced program. On CPU (static shapes) the shapes too.
+    config = (q.device.type, q.dtype, q.shape if q.device.type == "cpu" else q.shape[-1],
+              k.shape if q.device.type == "cpu" else k.shape[1], is_causal, window,
+              softcap is not None, None if alibi_slopes is None else alibi_slopes.dim(),
+              None if attn_mask is None else (attn_mask.dtype, attn_mask.dim()), sinks is not None)
+    run = _compiled(config)
     if sinks is not None:
-        out, lse = _flex(q.device.type)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                           enable_gqa=hq != k.shape[1], return_lse=True)
+        out, lse = run(q, k, v, score_mod, block_mask, scale, hq != k.shape[1], True)
         keep = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1)).unsqueeze(-1)
         out = (out.float() * keep).to(q.dtype)
     else:
-        out = _flex(q.device.type)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                      enable_gqa=hq != k.shape[1])
+        out = run(q, k, v, score_mod, block_mask, scale, hq != k.shape[1], False)
     return out.transpose(1, 2) if layout == "bshd" else out
 
 
@@ -133,4 +149,15 @@ def supports(spec) -> list[str]:
     return r
 
 
-register("attention", "torch.flex", flex, priority=30, supports=supports)
+CPU_MIN_SCORES = 512 * 512   # on the CPU, below this many scores per head a compile never pays off
+
+
+def priority(spec) -> int:
+    """30 (ahead of SDPA with a materialised mask and of the reference); on the CPU, calls too
+    small to repay a compile (seconds per configuration) go below the reference."""
+    if spec.device == "cpu" and spec.seq_len_q * spec.seq_len_k < CPU_MIN_SCORES:
+        return -10
+    return 30
+
+
+register("attention", "torch.flex", flex, priority=priority, supports=supports)
