@@ -19,11 +19,19 @@ from .telemetry import metrics
 from .telemetry import opentelemetry as metrics_opentelemetry
 from .telemetry import reset as reset_metrics
 from .telemetry import serve as metrics_server
+from .patch import auto_patch, patch, unpatch
 from .control import load_environment as _load_environment
+from . import compiled as _compiled, ops as _ops
+from .integrations import transformers as _transformers
+from .patch import when_imported as _when_imported
 
 _load_environment()
+# Registrations with optional packages, made when (and only if) the user imports them.
+_when_imported("transformers.modeling_utils", _transformers.register_attention)
+_when_imported("transformers.masking_utils", _transformers.register_mask)
+_when_imported("torch._dynamo", lambda _m: _compiled.install(_ops.PUBLIC))
 
 __all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "register",
            "which", "explain", "kernels", "doctor", "metrics", "reset_metrics", "metrics_server",
            "metrics_opentelemetry", "configure", "lock",
-           "unlock", "use"]
+           "unlock", "use", "patch", "unpatch", "auto_patch"]

@@ -52,11 +52,12 @@ def alibi_bias(slopes: torch.Tensor, sq: int, sk: int, causal_align: str, dtype)
 
 def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0, window=None,
               softcap=None, alibi_slopes=None, sinks=None, layout="bhsd", causal_align="top_left",
-              *, upcast=True):
+              *, upcast=True, return_weights=False):
     """Reference attention: every feature of `lz.attention`, by materialising the scores.
 
     upcast=False computes in the input dtype: the "plain PyTorch in the same dtype" baseline of
-    the flash-attention test rule.
+    the flash-attention test rule. return_weights=True returns (out, weights), the attention
+    probabilities (B, Hq, Sq, Sk) in q's dtype, after dropout (what transformers' eager returns).
     """
     if layout == "bshd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -94,7 +95,8 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.
     if dropout_p > 0.0:
         p = F.dropout(p, p=dropout_p)
     out = torch.matmul(p, vf).to(q.dtype)                          # (B, Hq, Sq, Dv)
-    return out.transpose(1, 2) if layout == "bshd" else out
+    out = out.transpose(1, 2) if layout == "bshd" else out
+    return (out, p.to(q.dtype)) if return_weights else out
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None, offset=0.0):

@@ -1,0 +1,100 @@
+"""What torch.compile traces in place of the public ops.
+
+The eager path of `lz.attention` & co. (raw-key dict, hit counters, thread-local preferences,
+runtime fallback) is built for speed, not for dynamo. When `torch._dynamo` is imported, each public
+op gets a stand-in through `torch.compiler.substitute_in_graph`: dynamo inlines the stand-in wherever
+traced code calls `lz.<op>`, while eager calls keep running the original at no extra cost.
+
+The stand-in decides before anything is captured: `_choose` runs once per trace, outside the graph
+(`assume_constant_result`), on the call's metadata only (shapes, dtypes, devices, flags, grad mode),
+and returns the kernel id, which becomes a constant of the graph. The graph then holds the chosen
+kernel's own operations (kernels that dynamo can't trace expose themselves as `torch.library`
+custom ops). Nothing in the traced path reads tensor values.
+
+Consequences: a compiled graph keeps the kernel chosen when it was traced (reset dynamo after
+changing the policy), has no runtime fallback, and `lz.metrics()` counts each traced call once,
+when it is traced, not on every replay.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+
+from . import dispatch, registry, telemetry
+from .call import device_sm
+
+log = logging.getLogger("layerzero")
+_installed = False
+
+
+def _meta(v):
+    """A constant standing for one argument: tensors become (shape, dtype, device, requires_grad)."""
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(int(s) for s in v.shape), v.dtype, v.device, v.requires_grad)
+    return v
+
+
+def _is_meta_tensor(m) -> bool:
+    return isinstance(m, tuple) and len(m) == 5 and m[0] == "tensor"
+
+
+def _choose(op: str, metas: tuple, grad: bool) -> str:
+    """The kernel id for an op call described by `metas` (see `_meta`). Runs eagerly, at trace time."""
+    from . import ops
+
+    device = next((m[3] for m in metas if _is_meta_tensor(m)), torch.device("cpu"))
+    vals = []
+    for m in metas:
+        if _is_meta_tensor(m):
+            t = torch.empty(m[1], dtype=m[2], device="meta")
+            vals.append(t.requires_grad_(m[4]) if m[4] else t)
+        else:
+            vals.append(m)
+    with torch.set_grad_enabled(grad):
+        spec = ops.DESCRIBE[op](*vals)
+    spec = spec._replace(device=device.type, sm=device_sm(device))
+    d = dispatch.decide(spec)
+    if d.error:
+        raise ValueError(d.error)
+    telemetry.count_call((op, d.chosen, False))
+    log.debug("torch.compile: %s -> %s", op, d.chosen)
+    return d.chosen
+
+
+def _stand_in(op: str, fn):
+    """The function dynamo traces instead of `fn` (= lz.<op>): bind, choose (constant), run."""
+    params = tuple((p.name, p.default) for p in inspect.signature(fn).parameters.values())
+    names = frozenset(n for n, _ in params)
+
+    def traced(*args, **kwargs):
+        for name in kwargs:
+            if name not in names:
+                raise TypeError(f"lz.{op}() got an unexpected keyword argument {name!r}")
+        vals = args + tuple(kwargs.get(n, d) for n, d in params[len(args):])
+        if op == "attention" and vals[7] is not None:
+            vals = vals[:7] + (tuple(vals[7]),) + vals[8:]
+        kid = _choose(op, tuple(_meta(v) for v in vals), torch.is_grad_enabled())
+        return registry.get(kid).fn(*vals)
+
+    traced.__name__ = traced.__qualname__ = f"{op}_traced"
+    return traced
+
+
+def install(public: dict) -> None:
+    """Register the stand-ins of the public ops with dynamo (called when torch._dynamo is imported).
+    On a torch without `substitute_in_graph` (< 2.5), compiled code graph-breaks around lz ops."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    substitute = getattr(torch.compiler, "substitute_in_graph", None)
+    constant = getattr(torch.compiler, "assume_constant_result", None)
+    if substitute is None or constant is None:
+        log.info("torch %s has no substitute_in_graph: lz ops graph-break under torch.compile",
+                 torch.__version__)
+        return
+    constant(_choose)
+    for op, fn in public.items():
+        substitute(fn, skip_signature_check=True)(_stand_in(op, fn))

@@ -1,0 +1,414 @@
+"""LayerZero inside HuggingFace transformers (>= 5.0).
+
+- `attn_implementation="layerzero"`: `import layerzero` registers `attention_forward` with
+  `AttentionInterface` and transformers' SDPA mask function with `AttentionMaskInterface` under
+  that name, through post-import hooks (transformers is never imported by LayerZero itself).
+- `lz.patch(model)`: switches the model's attention to "layerzero", swaps each modeling module's
+  `apply_rotary_pos_emb` for `lz.rope` and MoE experts' `_apply_gate` for `lz.swiglu`/`geglu`
+  (norms and dense gated MLPs are generic, in `layerzero.patch`).
+- `lz.auto_patch()`: `from_pretrained` / `from_config` return patched models.
+
+Everything here is recognised by structure (an attention module is one whose forward calls
+`ALL_ATTENTION_FUNCTIONS`; RoPE is the module-level `apply_rotary_pos_emb` transformers looks up at
+call time) and checked on a probe before it is patched.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+import threading
+import types
+import warnings
+
+import torch
+
+from .. import ops, reference, telemetry
+from ..patch import (Item, activation_op, agree, auto_patch_model, original_global, probe_input,
+                     set_attr, set_global)
+
+log = logging.getLogger("layerzero")
+NAME = "layerzero"
+
+# ---- registration (post-import hooks, see layerzero/__init__.py) -------------------------------
+
+
+def register_attention(modeling_utils) -> None:
+    """AttentionInterface.register("layerzero", attention_forward)."""
+    modeling_utils.AttentionInterface.register(NAME, attention_forward)
+
+
+def register_mask(masking_utils) -> None:
+    """AttentionMaskInterface.register("layerzero", sdpa_mask): the mask is None where `is_causal`
+    (or nothing) expresses it, else a bool (B, 1, Sq, Sk) mask with True = attend. Without this
+    registration under the same name, transformers would drop the padding mask."""
+    masking_utils.AttentionMaskInterface.register(NAME, masking_utils.sdpa_mask)
+
+
+# ---- the attention function --------------------------------------------------------------------
+
+# kwargs that carry nothing attention needs beyond q/k/v, the mask and the cache
+_INFORMATIONAL = frozenset({"position_ids", "output_hidden_states", "output_router_logits",
+                            "num_items_in_batch", "use_cache", "cache_position", "return_dict",
+                            "layer_idx", "past_key_values", "cache", "token_type_ids",
+                            "max_length_q", "max_length_k", "position_embeddings",
+                            "encoder_hidden_states", "encoder_attention_mask"})
+_warned: set = set()
+
+
+def _unknown(kwargs: dict) -> None:
+    names = tuple(sorted(k for k, v in kwargs.items() if k not in _INFORMATIONAL and v is not None))
+    if names and names not in _warned:
+        _warned.add(names)
+        msg = (f"layerzero attention: transformers passed keyword arguments it does not know: "
+               f"{', '.join(names)}; they are not applied")
+        log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _segments(cu: torch.Tensor, n: int, device) -> torch.Tensor:
+    """Sequence index of each of n packed positions, from cumulative lengths (0, l0, l0+l1, ...)."""
+    bounds = cu[1:].to(device=device, dtype=torch.long).contiguous()
+    return torch.searchsorted(bounds, torch.arange(n, device=device), right=True)
+
+
+def _and_bool(mask, keep: torch.Tensor):
+    """Restrict a mask (None, bool, or additive float) to the positions where `keep` is True."""
+    if mask is None:
+        return keep
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return torch.where(keep, mask, torch.full((), float("-inf"), dtype=mask.dtype, device=mask.device))
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention call -> `lz.attention`. Returns (out (B, Sq, Hq, Dv), weights | None).
+
+    query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) after the cache update, not repeated for GQA.
+    attention_mask: None, bool (B, 1, Sq, Sk) (True = attend) or additive float. With None
+    (transformers' SDPA convention): Sq == 1 attends every key; Sq == Sk is causal; Sq < Sk is a
+    prefill into an empty static cache: causal top-left, and K/V past Sq are dropped.
+
+    kwargs honoured: is_causal (else `module.is_causal`), sliding_window (inside the mask when
+    transformers builds one; a window when it does not), softcap, s_aux (else `module.sinks`),
+    position_bias (T5: added to the scores, combined with the mask and causality), packed
+    sequences (cu_seq_lens_q/k, seq_idx: block-diagonal mask), output_attentions (weights are
+    computed by `reference.attention` and returned). dropout is applied as given (transformers
+    passes 0.0 in eval).
+    """
+    is_causal = kwargs.pop("is_causal", None)
+    sliding_window = kwargs.pop("sliding_window", None)
+    softcap = kwargs.pop("softcap", None)
+    sinks = kwargs.pop("s_aux", None)
+    position_bias = kwargs.pop("position_bias", None)
+    output_attentions = kwargs.pop("output_attentions", None)
+    cu_q, cu_k = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
+    seq_idx = kwargs.pop("seq_idx", None)
+    if kwargs:
+        _unknown(kwargs)
+    if sinks is None and isinstance(getattr(module, "sinks", None), torch.Tensor):
+        sinks = module.sinks
+    if output_attentions is None:
+        output_attentions = getattr(getattr(module, "config", None), "output_attentions", False)
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+
+    sq, sk = query.shape[2], key.shape[2]
+    mask = attention_mask
+    if mask is not None and mask.shape[-1] > sk:  # a mask sized for more keys than the cache holds
+        mask = mask[..., :sk]
+    causal = bool(is_causal) and sq > 1 and mask is None
+    if causal and sk > sq:  # prefill into an empty static cache: keys past Sq are not written yet
+        key, value, sk = key[:, :, :sq], value[:, :, :sq], sq
+        if position_bias is not None:
+            position_bias = position_bias[..., :sq]
+    align = "top_left" if sq == sk else "bottom_right"  # Sq < Sk without mask: decode, queries last
+    window = None
+    if sliding_window is not None and mask is None and sk > sliding_window:
+        window = (sliding_window - 1, sliding_window - 1)  # transformers' (and flash-attn's) convention
+
+    if cu_q is not None or cu_k is not None:  # packed sequences (batch 1): block-diagonal
+        seg_q = _segments(cu_q if cu_q is not None else cu_k, sq, query.device)
+        seg_k = _segments(cu_k if cu_k is not None else cu_q, sk, query.device)
+        mask = _and_bool(mask, (seg_q[:, None] == seg_k[None, :])[None, None])
+    elif seq_idx is not None and sq == sk:
+        mask = _and_bool(mask, (seq_idx[:, None, :, None] == seq_idx[:, None, None, :]))
+    if position_bias is not None:  # additive (B or 1, H, Sq, Sk)
+        if mask is None:
+            mask = position_bias
+        elif mask.dtype == torch.bool:
+            mask = torch.where(mask, position_bias, torch.full((), float("-inf"), dtype=position_bias.dtype,
+                                                               device=position_bias.device))
+        else:
+            mask = position_bias + mask
+
+    if output_attentions:  # no fused kernel returns the probabilities: the reference computes both
+        out, weights = reference.attention(query, key, value, mask, causal, scaling, dropout, window,
+                                           softcap, None, sinks, "bhsd", align, return_weights=True)
+        telemetry.count_call(("attention", "reference.attention", False))
+        return out.transpose(1, 2).contiguous(), weights
+    out = ops.attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling,
+                        dropout_p=dropout, window=window, softcap=softcap, sinks=sinks,
+                        causal_align=align)          # (B, Hq, Sq, Dv)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ---- lz.patch(model) ---------------------------------------------------------------------------
+
+def owns(model) -> bool:
+    mu = sys.modules.get("transformers.modeling_utils")
+    return mu is not None and isinstance(model, mu.PreTrainedModel)
+
+
+@functools.lru_cache(maxsize=None)
+def _calls_interface(cls) -> bool:
+    """Does cls.forward compute attention through transformers' AttentionInterface?"""
+    fn = inspect.unwrap(getattr(cls, "forward", None) or (lambda: None))
+    code = getattr(fn, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
+def _first(obj, names):
+    for n in names:
+        v = getattr(obj, n, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def _attention_match(m) -> dict:
+    """CallSpec fields of the calls an attention module makes (for lz.explain(model))."""
+    cfg = getattr(m, "config", None)
+    hq = _first(m, ("num_heads", "num_attention_heads", "n_heads")) or _first(cfg, ("num_attention_heads",))
+    d = _first(m, ("head_dim", "attention_head_size", "key_value_proj_dim"))
+    hkv = _first(m, ("num_key_value_heads", "num_kv_heads"))
+    groups = _first(m, ("num_key_value_groups",))
+    if hkv is None and hq and groups:
+        hkv = hq // groups
+    match = {"op": "attention"}
+    for k, v in (("num_heads", hq), ("num_kv_heads", hkv), ("head_dim", d)):
+        if v:
+            match[k] = v
+    return match
+
+
+def _attention_modules(model):
+    return [(n, m) for n, m in model.named_modules() if _calls_interface(type(m))]
+
+
+def interface_items(model) -> list:
+    """Attention modules of a model that runs attn_implementation="layerzero" (lz.explain)."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "_attn_implementation", None) != NAME:
+        return []
+    return [Item(n, "attention", "patched", "attention", "", _attention_match(m))
+            for n, m in _attention_modules(model)]
+
+
+def _configs(model) -> list:
+    """Every config whose _attn_implementation set_attn_implementation may change."""
+    out, seen = [], set()
+    mu = sys.modules["transformers.modeling_utils"]
+    todo = [m.config for m in model.modules() if isinstance(m, mu.PreTrainedModel)]
+    while todo:
+        c = todo.pop()
+        if c is None or id(c) in seen:
+            continue
+        seen.add(id(c))
+        out.append(c)
+        todo += [getattr(c, k, None) for k in getattr(c, "sub_configs", {}) or {}]
+    return out
+
+
+def _patch_attention(model, report, undo) -> None:
+    mods = _attention_modules(model)
+    cls = type(model)
+    can = getattr(cls, "_can_set_attn_implementation", lambda: True)()
+    if not mods or not can:
+        names = [n for n, m in model.named_modules() if type(m).__name__.endswith("Attention")]
+        for n in names or [cls.__name__]:
+            report.add(n, "attention", "skipped", detail=f"{cls.__name__} computes attention inline, not "
+                       f"through transformers' AttentionInterface; left as is")
+        return
+    saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in _configs(model)]
+    model.set_attn_implementation(NAME)
+
+    def restore():
+        for c, v in saved:
+            c._attn_implementation_internal = v
+    undo.append(restore)
+    for n, m in mods:
+        report.add(n, "attention", "patched", "attention",
+                   f"{type(m).__name__}: attn_implementation={NAME!r}", _attention_match(m))
+
+
+def _rope_probe(fn):
+    """How `fn(q, k, cos, sin, ...)` rotates, or None: {'interleaved', 'partial', 'unsqueeze'}."""
+    g = torch.Generator().manual_seed(7)
+    q, k = torch.randn(2, 4, 3, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g)
+    theta = torch.randn(2, 3, 8, generator=g)
+    forms = {False: torch.cat((theta, theta), -1), True: theta.repeat_interleave(2, -1)}
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    if len(params) < 4:
+        return None
+    for interleaved, ang in forms.items():
+        cos, sin = ang.cos(), ang.sin()
+        try:
+            got = fn(q, k, cos, sin)
+        except Exception:
+            return None
+        want = reference.rope(q, k, cos, sin, "bhsd", interleaved)
+        if not (isinstance(got, tuple) and len(got) == 2
+                and all(agree(a, b, torch.float32)[0] for a, b in zip(got, want))):
+            continue
+        info = {"interleaved": interleaved, "partial": False,
+                "unsqueeze": params.index("unsqueeze_dim") - 4 if "unsqueeze_dim" in params[4:] else None}
+        try:  # partial rotary: the first D_rot features rotate, the rest pass through
+            pc, ps = cos[..., :8], sin[..., :8]
+            if interleaved:
+                pc, ps = ang[..., :4].repeat_interleave(2, -1).cos(), ang[..., :4].repeat_interleave(2, -1).sin()
+            got = fn(q, k, pc, ps)
+            want = reference.rope(q, k, pc, ps, "bhsd", interleaved)
+            info["partial"] = all(agree(a, b, torch.float32)[0] for a, b in zip(got, want))
+        except Exception:
+            pass
+        return info
+    return None
+
+
+def _rope_fn(original, info):
+    ud_pos, interleaved, partial = info["unsqueeze"], info["interleaved"], info["partial"]
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        ud = kwargs.get("unsqueeze_dim", args[ud_pos] if ud_pos is not None and len(args) > ud_pos else 1)
+        if (ud not in (1, 2) or cos.dim() != 3 or q.dtype != k.dtype or q.dim() != 4
+                or (cos.shape[-1] != q.shape[-1] and not partial)
+                or any(n not in ("unsqueeze_dim", "position_ids") for n in kwargs)):
+            return original(q, k, cos, sin, *args, **kwargs)
+        return ops.rope(q, k, cos, sin, layout="bhsd" if ud == 1 else "bshd", interleaved=interleaved)
+
+    apply_rotary_pos_emb.__wrapped_original__ = original
+    return apply_rotary_pos_emb
+
+
+def _patch_rope(model, report, undo) -> None:
+    modules = {}
+    for m in model.modules():
+        mod = sys.modules.get(type(m).__module__)
+        if mod is not None and callable(getattr(mod, "apply_rotary_pos_emb", None)):
+            modules[mod.__name__] = mod
+    cfg = getattr(model, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    d = getattr(cfg, "head_dim", None) or (
+        cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "num_attention_heads", None) else None)
+    match = {"op": "rope", "head_dim": d} if isinstance(d, int) else {"op": "rope"}
+    for name, mod in sorted(modules.items()):
+        original = original_global(mod, "apply_rotary_pos_emb")
+        info = _rope_probe(original)
+        item = f"{name}.apply_rotary_pos_emb"
+        if info is None:
+            report.add(item, "rope", "skipped", detail="does not rotate like apply_rotary_pos_emb "
+                       "(halves or pairs) on a probe")
+            continue
+        set_global(mod, "apply_rotary_pos_emb", _rope_fn(original, info), undo)
+        report.add(item, "rope", "patched", "rope",
+                   f"{'interleaved' if info['interleaved'] else 'rotate_half'}"
+                   f"{', partial rotary' if info['partial'] else ''} -> lz.rope", match)
+
+
+def _gate_fn(op, kw):
+    if op == "swiglu":
+        return lambda self, x: ops.swiglu(*x.chunk(2, dim=-1))
+    return lambda self, x: ops.geglu(*x.chunk(2, dim=-1), approximate=kw["approximate"])
+
+
+def _patch_experts(model, report, undo) -> None:
+    for name, m in model.named_modules():
+        gate = getattr(m, "_apply_gate", None)
+        if not callable(gate) or not hasattr(m, "act_fn"):
+            continue
+        cls = type(m).__name__
+        found = activation_op(m.act_fn)
+        impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
+        p = next(m.parameters(), None)
+        if found is None:
+            report.add(name, "experts", "skipped", detail=f"{cls}: activation is neither SiLU nor GELU")
+            continue
+        op, kw = found
+        x = probe_input((5, 16), p)
+        try:
+            with torch.no_grad():
+                got = gate(x)
+        except Exception as e:
+            report.add(name, "experts", "skipped", detail=f"{cls}: probe raised {type(e).__name__}: {e}")
+            continue
+        g, u = x.chunk(2, dim=-1)
+        want = reference.swiglu(g, u) if op == "swiglu" else reference.geglu(g, u, kw["approximate"])
+        ok, err = agree(got, want, x.dtype)
+        if not ok:
+            report.add(name, "experts", "skipped", detail=f"{cls}._apply_gate is not act(gate) * up "
+                       f"(probe error {err:.2g})")
+            continue
+        if impl == "eager":
+            report.add(name, "experts", "skipped", detail=f"{cls}: the eager experts forward inlines "
+                       f"act_fn(gate) * up; model.set_experts_implementation('grouped_mm') routes it "
+                       f"through _apply_gate, which lz.patch swaps")
+            continue
+        set_attr(m, "_apply_gate", types.MethodType(_gate_fn(op, kw), m), undo)
+        inter = p.shape[1] // 2 if p is not None and p.dim() == 3 else None
+        report.add(name, "experts", "patched", op, f"{cls}._apply_gate ({impl}) -> {op}",
+                   {"op": op, "head_dim": inter} if inter else {"op": op})
+
+
+def patch_model(model, report, undo, options) -> None:
+    """The transformers-specific part of lz.patch: attention, RoPE, MoE experts' gating."""
+    if options["attention"]:
+        _patch_attention(model, report, undo)
+    if options["rope"]:
+        _patch_rope(model, report, undo)
+    if options["mlp"]:
+        _patch_experts(model, report, undo)
+
+
+# ---- lz.auto_patch -----------------------------------------------------------------------------
+
+_saved: dict = {}
+_tls = threading.local()
+
+
+def _builder(fn):
+    @functools.wraps(fn)
+    def build(cls, *args, **kwargs):
+        depth = getattr(_tls, "depth", 0)
+        _tls.depth = depth + 1
+        try:
+            out = fn(cls, *args, **kwargs)
+        finally:
+            _tls.depth = depth
+        if depth == 0:
+            auto_patch_model(out[0] if isinstance(out, tuple) else out)
+        return out
+    return build
+
+
+def install_auto_patch(modeling_utils) -> None:
+    """Wrap PreTrainedModel.from_pretrained / _from_config (what AutoModel*.from_config calls) so
+    the models they build are patched while `lz.auto_patch` is on."""
+    cls = modeling_utils.PreTrainedModel
+    if _saved:
+        return
+    for name in ("from_pretrained", "_from_config"):
+        raw = cls.__dict__.get(name)
+        if isinstance(raw, classmethod):
+            _saved[name] = (cls, raw)
+            setattr(cls, name, classmethod(_builder(raw.__func__)))
+
+
+def remove_auto_patch() -> None:
+    for name, (cls, raw) in list(_saved.items()):
+        setattr(cls, name, raw)
+    _saved.clear()

@@ -1,0 +1,684 @@
+"""Patching loaded models in place: `lz.patch`, `lz.unpatch`, `lz.auto_patch`, `lz.explain(model)`.
+
+Modules are recognised by structure and class tags, then checked by behaviour: a candidate's own
+forward and the LayerZero replacement run on one small random input (a "probe", computed with
+`layerzero.reference`, so it neither selects kernels nor counts calls) and the module is patched
+only when they agree. Nothing is written per model family.
+
+- norms: a 1-D `weight`, an `eps`/`variance_epsilon` attribute and an "RMSNorm"/"LayerNorm" class
+  tag (or `nn.LayerNorm`/`nn.RMSNorm`); the probe decides between `rms_norm` with offset 0 or 1
+  (Gemma's `1 + w`) and `layer_norm`.
+- gated MLPs: `gate_proj` + `up_proj` + `down_proj`, or a fused `gate_up_proj` + `down_proj`,
+  with a SiLU or GELU activation -> `lz.swiglu` / `lz.geglu`.
+- framework-specific parts (attention, RoPE, MoE experts) come from `layerzero.integrations.*`.
+
+A patched module gets its `forward` swapped on the instance; when accelerate hooks wrap the
+module (`_hf_hook`), the function the hook calls (`_old_forward`) is swapped instead, so the hook
+keeps moving weights. `unpatch` puts back exactly what was there. Every candidate appears in the
+report, patched or skipped with the reason; other modules are counted per class.
+
+This module also holds `when_imported`, the post-import hook that lets `import layerzero` register
+with optional packages without importing them.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import logging
+import re
+import sys
+import threading
+import types
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import ops, reference
+
+log = logging.getLogger("layerzero")
+
+# ---- post-import hooks -------------------------------------------------------------------------
+
+_pending: dict[str, list[Callable]] = {}
+_hook_lock = threading.RLock()
+
+
+class _Loader(importlib.abc.Loader):
+    """Wraps a module's loader; runs the module's callbacks right after the module executes."""
+
+    def __init__(self, loader, name: str):
+        self._loader, self._name = loader, name
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        with _hook_lock:
+            callbacks = _pending.pop(module.__name__, [])
+        for cb in callbacks:
+            _run(cb, module)
+
+    def __getattr__(self, name):  # get_source, get_data, is_package, ...
+        return getattr(self._loader, name)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    _busy: set = set()
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _pending or fullname in self._busy:
+            return None
+        self._busy.add(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._busy.discard(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        spec.loader = _Loader(spec.loader, fullname)
+        return spec
+
+
+_finder = _Finder()
+
+
+def _run(cb: Callable, module) -> None:
+    try:
+        cb(module)
+    except Exception as e:  # a broken integration must not break the user's import
+        log.warning("layerzero: post-import hook %s for %s failed: %s: %s",
+                    getattr(cb, "__qualname__", cb), module.__name__, type(e).__name__, e)
+
+
+def when_imported(name: str, callback: Callable) -> None:
+    """Call `callback(module)` once module `name` is imported: now if it already is, else right
+    after it executes (whichever import statement triggers it). `name` itself is never imported."""
+    with _hook_lock:
+        module = sys.modules.get(name)
+        if module is None:
+            _pending.setdefault(name, []).append(callback)
+            if _finder not in sys.meta_path:
+                sys.meta_path.insert(0, _finder)
+            return
+    _run(callback, module)
+
+
+# ---- the record of a patched model -------------------------------------------------------------
+
+@dataclass
+class Item:
+    """One candidate: a module (or module-level function) LayerZero patched or left alone."""
+    name: str                    # dotted module name, or "<modeling module>.<function>"
+    kind: str                    # "attention" | "norm" | "rope" | "mlp" | "experts"
+    status: str                  # "patched" | "skipped"
+    op: str | None = None        # the LayerZero op that now runs it
+    detail: str = ""             # what was recognised, or why it was skipped
+    match: dict = field(default_factory=dict, repr=False)  # CallSpec fields of its calls (explain)
+
+
+@dataclass
+class Report:
+    """What `lz.patch` did: every candidate module with its status, plus the untouched rest."""
+    model: str
+    items: list[Item] = field(default_factory=list)
+    untouched: Counter = field(default_factory=Counter)  # class name -> count of other modules
+    options: dict = field(default_factory=dict)
+
+    @property
+    def patched(self) -> list[Item]:
+        return [i for i in self.items if i.status == "patched"]
+
+    @property
+    def skipped(self) -> list[Item]:
+        return [i for i in self.items if i.status == "skipped"]
+
+    def add(self, name, kind, status, op=None, detail="", match=None) -> Item:
+        item = Item(name, kind, status, op, detail, match or {})
+        self.items.append(item)
+        return item
+
+    def __str__(self) -> str:
+        lines = [f"lz.patch({self.model}): {len(self.patched)} patched, {len(self.skipped)} skipped"]
+        w = max([len(i.name) for i in self.items] + [6])
+        for i in self.items:
+            op = i.op or "-"
+            lines.append(f"  {i.status:<8} {i.kind:<9} {op:<10} {i.name:<{w}}  {i.detail}")
+        if self.untouched:
+            rest = ", ".join(f"{n} x{c}" for c, n in sorted((c, n) for n, c in self.untouched.items())[::-1])
+            lines.append(f"  left as is (no LayerZero op): {rest}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Record:
+    report: Report
+    undo: list[Callable] = field(default_factory=list)
+
+
+_records: "weakref.WeakKeyDictionary[nn.Module, _Record]" = weakref.WeakKeyDictionary()
+
+
+def _unwrap(model):
+    """The module behind a torch.compile wrapper."""
+    return getattr(model, "_orig_mod", model)
+
+
+# ---- swapping things, with undo ----------------------------------------------------------------
+
+def swap_forward(module: nn.Module, make: Callable, undo: list) -> None:
+    """Replace the forward of `module` (instance-level) by `make(original_forward)`, a function
+    taking (self, *args). Under an accelerate hook the hook's `_old_forward` is swapped instead."""
+    hooked = getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__
+    slot = "_old_forward" if hooked else "forward"
+    had = slot in module.__dict__
+    old = module.__dict__.get(slot)
+    original = old if had else module.forward
+    new = types.MethodType(make(original), module)
+    setattr(module, slot, new)
+
+    def restore():
+        d = module.__dict__
+        # a hook attached after patching wraps our forward: restore inside the hook then
+        for s in (slot, "_old_forward", "forward"):
+            if d.get(s) is new:
+                if s == slot and not had:
+                    del d[s]
+                else:
+                    d[s] = old if s == slot else original
+                return
+    undo.append(restore)
+
+
+def set_attr(obj, name: str, value, undo: list) -> None:
+    """obj.name = value (instance attribute), undone exactly."""
+    had = name in obj.__dict__
+    old = obj.__dict__.get(name)
+    setattr(obj, name, value)
+    undo.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
+
+
+_globals: dict[tuple[str, str], list] = {}   # (module name, attr) -> [original, users]
+
+
+def set_global(module, name: str, value, undo: list) -> None:
+    """module.name = value while at least one patched model needs it (reference-counted across
+    models: module-level functions are shared by every model of that family in the process)."""
+    key = (module.__name__, name)
+    with _hook_lock:
+        entry = _globals.get(key)
+        if entry is None:
+            entry = _globals[key] = [getattr(module, name), 0]
+            setattr(module, name, value)
+        entry[1] += 1
+
+    def restore():
+        with _hook_lock:
+            entry[1] -= 1
+            if entry[1] == 0:
+                setattr(module, name, entry[0])
+                del _globals[key]
+    undo.append(restore)
+
+
+def original_global(module, name: str):
+    """module.name as it was before LayerZero replaced it."""
+    entry = _globals.get((module.__name__, name))
+    return entry[0] if entry is not None else getattr(module, name)
+
+
+# ---- probes ------------------------------------------------------------------------------------
+
+def _tol(dtype) -> float:
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+
+
+def agree(a, b, dtype) -> tuple[bool, float]:
+    """Do two probe outputs agree for `dtype` (relative to the output's scale)? (ok, max error)."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
+        return False, float("inf")
+    a, b = a.detach().double(), b.detach().double()
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    scale = max(b.abs().max().item() if b.numel() else 0.0, 1.0)
+    return err <= _tol(dtype) * scale, err
+
+
+def probe_input(shape, like: torch.Tensor | None, dtype=None, device=None) -> torch.Tensor:
+    """A reproducible random probe tensor (never zeros) on `like`'s device and dtype."""
+    g = torch.Generator().manual_seed(1234)
+    dtype = dtype or (like.dtype if like is not None else torch.float32)
+    device = device or (like.device if like is not None else "cpu")
+    return torch.randn(shape, generator=g).to(dtype=dtype, device=device)
+
+
+def _param_device(module: nn.Module):
+    """Where the module's parameters live, or its accelerate hook's execution device when they are
+    offloaded (meta); None when unknown."""
+    p = next(module.parameters(recurse=True), None)
+    if p is None:
+        return None
+    if p.device.type != "meta":
+        return p.device
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or [hook]:
+            dev = getattr(h, "execution_device", None)
+            if dev is not None:
+                return torch.device(dev)
+    return None
+
+
+def _run_original(module: nn.Module, x):
+    """The module's current forward on a probe, without autograd and in eval mode."""
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return module(x)
+    finally:
+        module.train(was)
+
+
+# ---- norms -------------------------------------------------------------------------------------
+
+_NORM_TAG = re.compile(r"(RMSNorm|LayerNorm|RmsNorm)", re.IGNORECASE)
+_EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
+
+
+def _eps_attr(m) -> str | None:
+    for a in _EPS_ATTRS:
+        v = getattr(m, a, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return a
+    return None
+
+
+def _is_norm_candidate(m: nn.Module) -> bool:
+    if isinstance(m, nn.LayerNorm) or (hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm)):
+        return True
+    return bool(_NORM_TAG.search(type(m).__name__) or getattr(m, "kernel_layer_name", None) == "RMSNorm")
+
+
+def _norm_forward(op: str, eps_attr: str, offset: float, fns=None):
+    """make(original) -> forward running `op` (fns: (rms_norm, layer_norm), default lz's ops)."""
+    rms, ln = fns or (ops.rms_norm, ops.layer_norm)
+
+    def make(original):
+        if op == "rms_norm":
+            def forward(self, x):
+                w = self.weight
+                if w is not None and w.dtype != x.dtype:  # mixed dtypes: keep the module's promotion
+                    return original(x)
+                return rms(x, w, getattr(self, eps_attr), offset=offset)
+        else:
+            def forward(self, x):
+                w, b = self.weight, self.bias
+                if (w is not None and w.dtype != x.dtype) or (b is not None and b.dtype != x.dtype):
+                    return original(x)
+                return ln(x, w, b, getattr(self, eps_attr))
+        forward.__name__ = f"lz_{op}_forward"
+        return forward
+    return make
+
+
+_REF_NORMS = (lambda x, w, eps, offset: reference.rms_norm(x, w, eps, None, offset),
+              lambda x, w, b, eps: reference.layer_norm(x, w, b, eps))
+
+
+def probe(module: nn.Module, make: Callable, x) -> tuple:
+    """(module's output, output with forward `make(original)` swapped in) on probe input x. Both
+    run through the module's hooks (accelerate loads offloaded weights for each)."""
+    got = _run_original(module, x)
+    tmp: list = []
+    swap_forward(module, make, tmp)
+    try:
+        want = _run_original(module, x)
+    finally:
+        for fn in reversed(tmp):
+            fn()
+    return got, want
+
+
+def _patch_norm(name: str, m: nn.Module, report: Report, undo: list) -> None:
+    w = getattr(m, "weight", None)
+    b = getattr(m, "bias", None)
+    eps_attr = _eps_attr(m)
+    hidden = w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 1 else None
+    if hidden is None and isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+        hidden = m.normalized_shape[0]
+    why = None
+    if eps_attr is None:
+        why = "no numeric eps / variance_epsilon attribute"
+    elif hidden is None:
+        why = "no 1-D weight (normalised shape unknown)"
+    device = _param_device(m) if why is None else None
+    if why is None and device is None and w is not None:
+        why = "parameters are offloaded and no execution device is known"
+    if why is not None:
+        report.add(name, "norm", "skipped", detail=f"{type(m).__name__}: {why}")
+        return
+    dtype = w.dtype if isinstance(w, torch.Tensor) else torch.float32
+    x = probe_input((2, 3, hidden), None, dtype=dtype, device=device or "cpu")
+    tries = [("rms_norm", 0.0), ("rms_norm", 1.0)] if b is None else []
+    tries.append(("layer_norm", 0.0))
+    errs = []
+    for op, offset in tries:
+        try:
+            got, want = probe(m, _norm_forward(op, eps_attr, offset, _REF_NORMS), x)
+        except Exception as e:
+            report.add(name, "norm", "skipped", detail=f"{type(m).__name__}: probe raised {type(e).__name__}: {e}")
+            return
+        ok, err = agree(got, want, dtype)
+        if ok:
+            swap_forward(m, _norm_forward(op, eps_attr, offset), undo)
+            eps = getattr(m, eps_attr)
+            what = f"{op}(offset={offset:g})" if op == "rms_norm" else op
+            report.add(name, "norm", "patched", op, f"{type(m).__name__} -> {what}, eps={eps:g}",
+                       {"op": op, "head_dim": hidden})
+            return
+        errs.append(f"{op}{'(+1)' if offset else ''} err {err:.2g}")
+    report.add(name, "norm", "skipped",
+               detail=f"{type(m).__name__}: forward matches no LayerZero norm ({'; '.join(errs)})")
+
+
+# ---- gated MLPs --------------------------------------------------------------------------------
+
+_MLP_TAG = re.compile(r"(MLP|FeedForward|FFN|DenseActDense|Intermediate)$", re.IGNORECASE)
+_ACT_ATTRS = ("act_fn", "activation_fn", "act", "activation")
+
+
+def activation_op(act) -> tuple[str, dict] | None:
+    """('swiglu', {}) for SiLU, ('geglu', {'approximate': ...}) for GELU; None otherwise."""
+    if not callable(act):
+        return None
+    x = probe_input((257,), None) * 3
+    try:
+        with torch.no_grad():
+            y = act(x)
+    except Exception:
+        return None
+    F = torch.nn.functional
+    for op, kw, ref in (("swiglu", {}, F.silu(x)), ("geglu", {"approximate": "none"}, F.gelu(x)),
+                        ("geglu", {"approximate": "tanh"}, F.gelu(x, approximate="tanh"))):
+        if isinstance(y, torch.Tensor) and y.shape == x.shape and (y - ref).abs().max().item() <= 1e-6:
+            return op, kw
+    return None
+
+
+def _gated(op: str, kw: dict):
+    if op == "swiglu":
+        return ops.swiglu
+    approximate = kw["approximate"]
+    return lambda gate, up: ops.geglu(gate, up, approximate)
+
+
+def _ref_gated(op: str, kw: dict):
+    return reference.swiglu if op == "swiglu" else (lambda g, u: reference.geglu(g, u, kw["approximate"]))
+
+
+def _mlp_forward(fused: bool, act_attr: str, gate_fn):
+    def make(original):
+        if fused:
+            def forward(self, x):
+                gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+                return self.down_proj(gate_fn(gate, up))
+        else:
+            def forward(self, x):
+                return self.down_proj(gate_fn(self.gate_proj(x), self.up_proj(x)))
+        forward.__name__ = "lz_gated_mlp_forward"
+        return forward
+    return make
+
+
+def _in_features(lin) -> int | None:
+    n = getattr(lin, "in_features", None)
+    if n is None:
+        w = getattr(lin, "weight", None)
+        n = w.shape[-1] if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+    return n
+
+
+def _patch_mlp(name: str, m: nn.Module, report: Report, undo: list) -> None:
+    cls = type(m).__name__
+    fused = isinstance(getattr(m, "gate_up_proj", None), nn.Module)
+    gated = fused or all(isinstance(getattr(m, a, None), nn.Module) for a in ("gate_proj", "up_proj"))
+    if not gated or not isinstance(getattr(m, "down_proj", None), nn.Module):
+        report.add(name, "mlp", "skipped", detail=f"{cls}: not a gated MLP (no gate/up/down projections)")
+        return
+    act_attr = next((a for a in _ACT_ATTRS if callable(getattr(m, a, None))), None)
+    found = activation_op(getattr(m, act_attr)) if act_attr else None
+    if found is None:
+        report.add(name, "mlp", "skipped", detail=f"{cls}: activation "
+                   f"{type(getattr(m, act_attr, None)).__name__} is neither SiLU nor GELU")
+        return
+    if any(isinstance(c, nn.Dropout) and c.p > 0 for c in m.children()):
+        report.add(name, "mlp", "skipped", detail=f"{cls}: has dropout between the projections")
+        return
+    op, kw = found
+    first = m.gate_up_proj if fused else m.gate_proj
+    n_in, device = _in_features(first), _param_device(m)
+    if n_in is None or device is None:
+        report.add(name, "mlp", "skipped", detail=f"{cls}: input size or device unknown")
+        return
+    dtype = next(m.parameters()).dtype
+    x = probe_input((2, 3, n_in), None, dtype=dtype, device=device)
+    try:
+        got, want = probe(m, _mlp_forward(fused, act_attr, _ref_gated(op, kw)), x)
+    except Exception as e:
+        report.add(name, "mlp", "skipped", detail=f"{cls}: probe raised {type(e).__name__}: {e}")
+        return
+    ok, err = agree(got, want, dtype)
+    if not ok:
+        report.add(name, "mlp", "skipped", detail=f"{cls}: forward is not down({act_attr}(gate) * up) "
+                   f"(probe error {err:.2g})")
+        return
+    swap_forward(m, _mlp_forward(fused, act_attr, _gated(op, kw)), undo)
+    inter = (first.weight.shape[0] // (2 if fused else 1)) if isinstance(getattr(first, "weight", None), torch.Tensor) else 0
+    detail = f"{cls}: {'fused gate_up' if fused else 'gate/up'} + {act_attr} -> {op}" + (
+        f"(approximate={kw['approximate']!r})" if kw else "")
+    report.add(name, "mlp", "patched", op, detail, {"op": op, "head_dim": inter} if inter else {"op": op})
+
+
+# ---- the public verbs --------------------------------------------------------------------------
+
+def _integration(model):
+    """The framework integration owning `model` (transformers, ...) or None for a plain module."""
+    from .integrations import diffusers as df, transformers as hf
+
+    for integ in (hf, df):
+        if integ.owns(model):
+            return integ
+    return None
+
+
+def patch(model, *, attention: bool = True, norm: bool = True, rope: bool = True, mlp: bool = True) -> Report:
+    """Patch a loaded model in place so its attention, norms, RoPE and gated MLPs run through
+    LayerZero's ops; returns the `Report` of every candidate, patched or skipped with the reason.
+
+    Idempotent: patching a patched model with the same options returns its report; with other
+    options it is unpatched first. A torch.compile wrapper is unwrapped (patch before compiling).
+    """
+    for flag, v in (("attention", attention), ("norm", norm), ("rope", rope), ("mlp", mlp)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{flag} must be a bool, got {type(v).__name__}")
+    model = _unwrap(model)
+    if not isinstance(model, nn.Module):
+        from .integrations import diffusers as df
+        if df.is_pipeline(model):  # every module of the pipeline, one combined report
+            return df.patch_pipeline(model, attention=attention, norm=norm, rope=rope, mlp=mlp)
+        raise TypeError(f"lz.patch takes a torch.nn.Module (a transformers or diffusers model) or a "
+                        f"diffusers pipeline, got {type(model).__name__}")
+    options = {"attention": attention, "norm": norm, "rope": rope, "mlp": mlp}
+    rec = _records.get(model)
+    if rec is not None:
+        if rec.report.options == options:
+            return rec.report
+        unpatch(model)
+    rec = _Record(Report(type(model).__name__, options=options))
+    integ = _integration(model)
+    try:
+        if integ is not None:
+            integ.patch_model(model, rec.report, rec.undo, options)
+        elif attention:
+            n = sum(1 for m in model.modules() if type(m).__name__.endswith("Attention"))
+            if n:
+                rec.report.add(type(model).__name__, "attention", "skipped",
+                               detail=f"{n} attention modules, but no integration knows this model's "
+                                      f"attention call (supported: transformers)")
+        claimed = {i.name for i in rec.report.items}
+        for name, m in model.named_modules():
+            if name in claimed:
+                continue
+            if norm and _is_norm_candidate(m) and not list(m.children()):
+                _patch_norm(name, m, rec.report, rec.undo)
+            elif mlp and _MLP_TAG.search(type(m).__name__):
+                _patch_mlp(name, m, rec.report, rec.undo)
+            else:
+                rec.report.untouched[type(m).__name__] += 1
+    except BaseException:
+        for fn in reversed(rec.undo):
+            fn()
+        raise
+    _records[model] = rec
+    log.info("%s", rec.report)
+    return rec.report
+
+
+def unpatch(model) -> None:
+    """Restore everything `lz.patch` changed on `model` (no-op for an unpatched model)."""
+    model = _unwrap(model)
+    rec = _records.pop(model, None)
+    if rec is None:
+        return
+    for fn in reversed(rec.undo):
+        fn()
+
+
+def report(model) -> Report | None:
+    """The report of a patched model, or None."""
+    rec = _records.get(_unwrap(model))
+    return rec.report if rec is not None else None
+
+
+# ---- lz.explain(model) -------------------------------------------------------------------------
+
+@dataclass
+class ModelExplanation:
+    """`lz.explain(model)`: per patched module, its op and the kernels that ran for the shapes seen
+    so far (decisions in the decision cache matching the module's op and sizes), and why."""
+    model: str
+    rows: list[dict]
+
+    def __str__(self) -> str:
+        lines = [f"lz.explain({self.model})"]
+        w = max([len(r["module"]) for r in self.rows] + [6])
+        for r in self.rows:
+            if not r["kernels"]:
+                lines.append(f"  {r['module']:<{w}}  {r['op']:<10} (no call seen yet)")
+            for k in r["kernels"]:
+                lines.append(f"  {r['module']:<{w}}  {r['op']:<10} {k['kernel']:<18} {k['shapes']}  — {k['why']}")
+        return "\n".join(lines)
+
+
+def _why(decision) -> str:
+    if decision.note:
+        return decision.note
+    chosen = next((c for c in decision.candidates if c.status == "chosen"), None)
+    better = [c for c in decision.candidates if c.status in ("rejected", "unavailable", "denied")
+              and c.reasons]
+    parts = [f"highest-scoring eligible kernel (score {chosen.score})" if chosen else "chosen"]
+    parts += [f"{c.kernel}: {c.reasons[0]}" for c in better[:3]]
+    return "; ".join(parts)
+
+
+def _shape(spec) -> str:
+    if spec.op == "attention":
+        return (f"B={spec.batch} H={spec.num_heads}/{spec.num_kv_heads} Sq={spec.seq_len_q} "
+                f"Sk={spec.seq_len_k} D={spec.head_dim} {str(spec.dtype)[6:]}"
+                + (" causal" if spec.causal else "") + (f" mask={spec.mask}" if spec.mask != "none" else ""))
+    if spec.op == "rope":
+        return f"B={spec.batch} H={spec.num_heads}/{spec.num_kv_heads} S={spec.seq_len_q} D={spec.head_dim} {str(spec.dtype)[6:]}"
+    return f"rows={spec.batch} D={spec.head_dim} {str(spec.dtype)[6:]}"
+
+
+def explain_model(model) -> ModelExplanation:
+    from . import dispatch
+
+    model = _unwrap(model)
+    rec = _records.get(model)
+    decisions = [d for d in list(dispatch.decisions.values()) if d.chosen]
+    rows = []
+    items = rec.report.patched if rec is not None else []
+    if rec is None:
+        from .integrations import transformers as hf
+        items = hf.interface_items(model)  # attn_implementation="layerzero" without lz.patch
+    for item in items:
+        kernels: dict[str, list] = {}
+        for d in decisions:
+            s = d.spec
+            if all(getattr(s, k) == v for k, v in item.match.items()):
+                kernels.setdefault(d.chosen, []).append(d)
+        rows.append({"module": item.name, "op": item.op or "-", "kernels": [
+            {"kernel": kid, "shapes": "; ".join(sorted({_shape(d.spec) for d in ds})[:3]),
+             "why": _why(ds[0])} for kid, ds in kernels.items()]})
+    return ModelExplanation(type(model).__name__, rows)
+
+
+# ---- lz.auto_patch ------------------------------------------------------------------------------
+
+_auto = {"on": False, "options": {}}
+
+
+class _AutoPatch:
+    """Returned by `auto_patch`: a context manager restoring the previous state on exit."""
+
+    def __init__(self, enable: bool, options: dict, now: bool):
+        self._enable, self._options = enable, options
+        self._prev = (_auto["on"], dict(_auto["options"]))
+        if now:
+            _set_auto(enable, options)
+
+    def __enter__(self):
+        _set_auto(self._enable, self._options)
+        return self
+
+    def __exit__(self, *exc):
+        _set_auto(*self._prev)
+        return False
+
+
+def _set_auto(on: bool, options: dict) -> None:
+    from .integrations import transformers as hf
+
+    _auto["on"], _auto["options"] = on, dict(options)
+    if on:
+        when_imported("transformers.modeling_utils", hf.install_auto_patch)
+    elif "transformers.modeling_utils" in sys.modules:
+        hf.remove_auto_patch()
+
+
+def auto_patch(enable: bool | None = None, **options) -> _AutoPatch:
+    """Models built by transformers' `from_pretrained` / `from_config` come out `lz.patch`ed.
+
+        with lz.auto_patch():            # within the block
+            model = AutoModelForCausalLM.from_pretrained(...)
+        lz.auto_patch(True)              # from now on (lz.auto_patch(False) turns it off)
+
+    `options` are `lz.patch`'s (attention=, norm=, rope=, mlp=)."""
+    bad = set(options) - {"attention", "norm", "rope", "mlp"}
+    if bad:
+        raise TypeError(f"auto_patch got unknown options {sorted(bad)}; allowed: attention, norm, rope, mlp")
+    if enable is not None and not isinstance(enable, bool):
+        raise TypeError(f"auto_patch(enable) takes True, False or nothing, got {enable!r}")
+    return _AutoPatch(True if enable is None else enable, options, now=enable is not None)
+
+
+def auto_patch_model(model):
+    """Patch `model` if auto-patching is on (called by the integrations' build hooks)."""
+    if _auto["on"]:
+        patch(model, **_auto["options"])
+    return model
