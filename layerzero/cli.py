@@ -310,17 +310,31 @@ def cmd_explain(a) -> int:
     return 0 if d.chosen else 1
 
 
-def _time(fn, args, kwargs, warmup: int, repeat: int, sync) -> list[float]:
+def _time(fn, args, warmup: int, repeat: int, sync) -> tuple[list[float], int]:
+    """(seconds per call of each of `repeat` samples, calls per sample). A sample runs enough
+    back-to-back calls to last >= 2 ms (as timeit's autorange), then waits for the device, so
+    short calls are timed as they run in a model: queued, not synchronised one by one."""
     for _ in range(warmup):
-        fn(*args, **kwargs)
+        fn(*args)
     sync()
+    number = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn(*args)
+        sync()
+        took = time.perf_counter() - t0
+        if took >= 2e-3 or number >= 1000:
+            break
+        number = min(1000, number * max(2, int(2e-3 / max(took, 1e-7)) + 1))
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        fn(*args, **kwargs)
+        for _ in range(number):
+            fn(*args)
         sync()
-        times.append(time.perf_counter() - t0)
-    return times
+        times.append((time.perf_counter() - t0) / number)
+    return times, number
 
 
 def cmd_bench(a) -> int:
@@ -348,15 +362,17 @@ def cmd_bench(a) -> int:
                 continue
             row = {"kernel": c.kernel, "status": c.status, "score": c.score}
             try:
-                ts = _time(registry.get(c.kernel).fn, vals, {}, a.warmup, a.repeat, sync)
-                row.update(median_s=statistics.median(ts), min_s=min(ts))
+                ts, number = _time(registry.get(c.kernel).fn, vals, a.warmup, a.repeat, sync)
+                row.update(median_s=statistics.median(ts), min_s=min(ts), calls_per_sample=number)
             except Exception as e:  # a kernel that fails here is reported, not fatal
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             results.append(row)
-        ts = _time(ops.PUBLIC[a.op], args, kwargs, a.warmup, a.repeat, sync)
+        public = ops.PUBLIC[a.op]
+        ts, number = _time(lambda *args: public(*args, **kwargs), args, a.warmup, a.repeat, sync)
     timed = [r for r in results if "median_s" in r]
     fastest = min(timed, key=lambda r: r["median_s"])["kernel"] if timed else None
-    pick = {"kernel": d.chosen, "median_s": statistics.median(ts), "min_s": min(ts)}
+    pick = {"kernel": d.chosen, "median_s": statistics.median(ts), "min_s": min(ts),
+            "calls_per_sample": number}
     out = {"op": a.op, "device": str(dev), "spec": spec.as_dict(), "repeat": a.repeat,
            "chosen": d.chosen, "fastest": fastest, "kernels": results, "lz": pick}
     if a.json:
@@ -372,7 +388,8 @@ def cmd_bench(a) -> int:
             else [r["kernel"], r["status"], "-", "-", r["error"]] for r in results]
     rows.append([f"lz.{a.op} (runs {d.chosen})", "", ms(pick["median_s"]), ms(pick["min_s"]),
                  f"{pick['median_s'] / best:.2f}x" if best else ""])
-    table(f"bench {a.op} on {dev} ({a.repeat} runs after {a.warmup} warm-up)",
+    table(f"bench {a.op} on {dev} (median and min of {a.repeat} samples per kernel, each "
+          f">= 2 ms of back-to-back calls, after {a.warmup} warm-up calls)",
           ["kernel", "status", "median ms", "min ms", "vs fastest"], rows,
           f"fastest: {fastest}; lz picks: {d.chosen}")
     return 0
@@ -412,8 +429,9 @@ def parser() -> argparse.ArgumentParser:
     _add_op_parsers(s, explain_opts)
     s.set_defaults(run=cmd_explain)
     bench_opts = argparse.ArgumentParser(add_help=False, parents=[common])
-    bench_opts.add_argument("--repeat", type=int, default=20, help="timed runs per kernel (default 20)")
-    bench_opts.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    bench_opts.add_argument("--repeat", type=int, default=20,
+                            help="timed samples per kernel, each >= 2 ms of calls (default 20)")
+    bench_opts.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     bench_opts.set_defaults(sm=None)
     s = sub.add_parser("bench", help="time every eligible kernel of a described call, and lz's pick")
     _add_op_parsers(s, bench_opts)
