@@ -316,7 +316,7 @@ def _norm_forward(op: str, eps_attr: str, offset: float, fns=None):
                 return rms(x, w, getattr(self, eps_attr), offset=offset)
         else:
             def forward(self, x):
-                w, b = self.weight, self.bias
+                w, b = self.weight, getattr(self, "bias", None)
                 if (w is not None and w.dtype != x.dtype) or (b is not None and b.dtype != x.dtype):
                     return original(x)
                 return ln(x, w, b, getattr(self, eps_attr))
@@ -591,7 +591,7 @@ def _why(decision) -> str:
     better = [c for c in decision.candidates if c.status in ("rejected", "unavailable", "denied")
               and c.reasons]
     parts = [f"highest-scoring eligible kernel (score {chosen.score})" if chosen else "chosen"]
-    parts += [f"{c.kernel}: {c.reasons[0]}" for c in better[:3]]
+    parts += [f"{c.kernel}: {c.reasons[0][:70]}" for c in better[:2]]
     return "; ".join(parts)
 
 

@@ -231,8 +231,19 @@ def _patch_attention(model, report, undo) -> None:
             report.add(n, "attention", "skipped", detail=f"{cls.__name__} computes attention inline, not "
                        f"through transformers' AttentionInterface; left as is")
         return
-    saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in _configs(model)]
+    configs = _configs(model)
+    ids = {id(c) for c in configs}
+    for _, m in mods:  # attention modules may hold their own config copy (T5 stacks on 5.17)
+        c = getattr(m, "config", None)
+        if c is not None and id(c) not in ids:
+            ids.add(id(c))
+            configs.append(c)
+    saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in configs]
     model.set_attn_implementation(NAME)
+    for _, m in mods:
+        c = getattr(m, "config", None)
+        if c is not None and getattr(c, "_attn_implementation", None) != NAME:
+            c._attn_implementation_internal = NAME
 
     def restore():
         for c, v in saved:
