@@ -10,11 +10,36 @@ import torch
 from . import registry
 from .inspect import kernels
 
-# Optional packages LayerZero knows how to use (distribution name, import name).
-OPTIONAL = (("flash-attn", "flash_attn"), ("flash-attn-4", "flash_attn.cute"),
-            ("flashinfer-python", "flashinfer"), ("xformers", "xformers"),
-            ("liger-kernel", "liger_kernel"), ("triton", "triton"),
-            ("transformers", "transformers"), ("diffusers", "diffusers"))
+# Optional packages LayerZero knows how to use: (distribution, the module its kernels require,
+# GPU compute capabilities its kernels are used on: (min, max) or None).
+OPTIONAL = (("flash-attn", "flash_attn.flash_attn_interface", (80, None)),
+            ("flash-attn-3", "flash_attn_interface", (90, 90)),
+            ("flash-attn-4", "flash_attn.cute", (90, 119)),
+            ("flashinfer-python", "flashinfer", (75, None)), ("xformers", "xformers.ops", (60, None)),
+            ("liger-kernel", "liger_kernel.ops.rms_norm", None),
+            ("triton", "layerzero.backends._triton_impl", None),
+            ("transformers", "transformers", None), ("diffusers", "diffusers", None))
+
+
+def _state(reason: str | None, sms, need) -> str:
+    """A package's state in words: importable / ABI mismatch / ops don't load / import error /
+    crashed / unsupported GPU / no GPU."""
+    if reason is None:
+        bad = [sm for sm in sms if need and (sm < need[0] or (need[1] is not None and sm > need[1]))]
+        if bad:
+            rng = f"sm{need[0]}" + (f"-sm{need[1]}" if need[1] else "+")
+            return f"unsupported GPU: sm{bad[0]} (its kernels are used on {rng})"
+        return "importable"
+    low = reason.lower()
+    if "undefined symbol" in low or "abi" in low or "was compiled against" in low:
+        return f"ABI mismatch: {reason}"
+    if "no operator found" in low:
+        return f"installed, but its C++/CUDA ops don't load (built for another torch/Python): {reason}"
+    if "crashed" in low:
+        return f"crashes on use: {reason}"
+    if "needs a cuda gpu" in low:
+        return f"no CUDA GPU: {reason}"
+    return f"import error: {reason}"
 
 
 def _version(dist: str) -> str | None:
@@ -64,13 +89,11 @@ def doctor() -> Report:
             cc = torch.cuda.get_device_capability(i)
             system[f"gpu {i}"] = f"{torch.cuda.get_device_name(i)} (sm{cc[0]}{cc[1]})"
         system["cudnn"] = torch.backends.cudnn.version()
+    sms = [a * 10 + b for a, b in (torch.cuda.get_device_capability(i)
+                                   for i in range(torch.cuda.device_count()))] if torch.cuda.is_available() else []
     packages = []
-    for dist, mod in OPTIONAL:
+    for dist, mod, need in OPTIONAL:
         version = _version(dist)
-        if version is None:
-            state = "not installed"
-        else:
-            reason = registry.module_reason(mod)
-            state = "importable" if reason is None else reason
+        state = "not installed" if version is None else _state(registry.module_reason(mod), sms, need)
         packages.append((dist, version, state))
     return Report(system, packages, kernels())

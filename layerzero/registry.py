@@ -24,7 +24,7 @@ class Kernel:
     id: str
     op: str
     fn: Callable
-    priority: int = 0
+    priority: int | Callable = 0   # or priority(spec) -> int: a rule per call shape
     supports: Callable | None = None
     requires: tuple[str, ...] = ()
     order: int = field(default=0)
@@ -60,6 +60,8 @@ def register(op: str, kernel_id: str, fn: Callable | None = None, *, priority: i
 
     `supports(spec)` returns the reasons the kernel can't run a call (empty list = it can);
     `requires` names modules imported on first use (failure = kernel unavailable, with the reason).
+    `priority` is an int or `priority(spec) -> int` (a pure function of the call description,
+    e.g. per GPU generation and shape; see backends/priorities.py).
     `plain(spec)` (attention only) may return a function with F.scaled_dot_product_attention's
     signature `(q, k, v, attn_mask, dropout_p, is_causal, scale=)`, which the op then calls
     directly for calls SDPA expresses as they are (`call.sdpa_expressible`): no adapter frame.
@@ -68,8 +70,8 @@ def register(op: str, kernel_id: str, fn: Callable | None = None, *, priority: i
     check_op(op)
     if not isinstance(kernel_id, str) or "." not in kernel_id or kernel_id.startswith("."):
         raise ValueError(f"kernel_id must look like '<backend>.<name>', got {kernel_id!r}")
-    if not isinstance(priority, int):
-        raise TypeError(f"priority must be an int, got {type(priority).__name__}")
+    if isinstance(priority, bool) or not (isinstance(priority, int) or callable(priority)):
+        raise TypeError(f"priority must be an int or a callable spec -> int, got {type(priority).__name__}")
     if supports is not None and not callable(supports):
         raise TypeError("supports must be a callable spec -> list[str] or None")
 
@@ -160,7 +162,12 @@ def module_reason(name: str) -> str | None:
         if importlib.util.find_spec(name.split(".")[0]) is None:
             reason = f"{name.split('.')[0]} is not installed"
         else:
-            importlib.import_module(name)
+            # Crash isolation: a module with a probe is first tried in a subprocess (once per
+            # machine and versions, cached on disk), so a crash there can't take this one down.
+            from . import probe
+            reason = probe.reason(name)
+            if reason is None:
+                importlib.import_module(name)
     except (ImportError, OSError, RuntimeError, AttributeError, ValueError) as e:
         reason = f"{name} failed to import: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     _module_reasons[name] = reason

@@ -69,7 +69,8 @@ def select(spec, kernels, policy, prefs=()) -> Decision:
         elif denial:
             cands.append(Candidate(k.id, "denied", [denial]))
         else:
-            score = k.priority + policy.boost(k, spec)
+            base = k.priority(spec) if callable(k.priority) else k.priority
+            score = base + policy.boost(k, spec)
             cands.append(Candidate(k.id, "eligible", [], score))
             eligible.append((-score, k.order, k))
     eligible.sort(key=lambda t: t[:2])

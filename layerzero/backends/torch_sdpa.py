@@ -9,6 +9,13 @@
 Features SDPA has no argument for are translated: bottom-right causal, sliding windows and ALiBi
 become an explicit mask (bool, or additive in q's dtype when a float term is present). Softcap
 can't be expressed, so these kernels reject it.
+
+On CUDA each forced kernel's reasons are its real constraints: static ones (dtype, head_dim, SM,
+no masks for flash, non-square causal for flash, K/V length 1 for cuDNN), then torch's own gate
+functions on stand-in tensors (see `_torch_gate`). `torch.sdpa` is rejected when no fused kernel
+takes the call, since SDPA would silently run its math kernel (GQA with a mask did on older
+torch); `torch.sdpa_math` runs such calls explicitly, and `torch.sdpa_efficient` repeats K/V
+heads itself where its kernel lacks GQA.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import reference
 from ..registry import register
+from . import priorities
 from ._torch_version import TORCH
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -122,7 +130,7 @@ def _common(spec) -> list[str]:
     return ["softcap has no SDPA equivalent"] if spec.softcap else []
 
 
-def supports_sdpa(spec) -> list[str]:
+def _plain_reasons(spec) -> list[str]:
     r = _common(spec)
     if spec.sinks:
         r.append("attention sinks need the log-sum-exp, which plain SDPA does not return")
@@ -130,14 +138,14 @@ def supports_sdpa(spec) -> list[str]:
 
 
 def supports_math(spec) -> list[str]:
-    return supports_sdpa(spec)
+    return _plain_reasons(spec)
 
 
 def supports_flash(spec) -> list[str]:
     r = _common(spec)
-    if spec.dropout:
-        r.append("dropout is not supported by the forced flash kernel here")
     if spec.device == "cpu":
+        if spec.dropout:
+            r.append("dropout is not supported by the forced flash kernel here")
         if _FLASH_CPU is None:
             r.append(f"torch {torch.__version__} has no flash-attention CPU op")
         if spec.head_dim_v != spec.head_dim:
@@ -147,44 +155,156 @@ def supports_flash(spec) -> list[str]:
         return r + [f"device {spec.device!r} is not supported (cpu, cuda)"]
     if spec.sinks:
         r.append("attention sinks need the log-sum-exp, which SDPA does not return on CUDA")
-    r += _cuda_fused_reasons(spec, "flash", min_sm=80, max_dim=256, masks=False)
+    return r + cuda_reasons(spec, "flash")
+
+
+# ---- CUDA: each fused kernel's real constraints ----------------------------------------------
+# Static checks first (they hold for every torch >= 2.5 and need no GPU); then, on a machine with
+# CUDA, torch's own gate functions (torch.backends.cuda.can_use_*_attention) on stand-in tensors
+# of the call's shape (stride-0 views of one row: no memory), whose warnings are the reasons.
+# That makes version-specific rules (cuDNN head_dim limits, GQA support per kernel) exact.
+
+_NAMES = {"flash": "SDPA flash", "efficient": "SDPA efficient", "cudnn": "SDPA cuDNN"}
+
+
+def _static_cuda(spec, backend) -> list[str]:
+    name, r = _NAMES[backend], []
+    min_sm = 50 if backend == "efficient" else 80
+    if spec.sm < min_sm:
+        r.append(f"{name} needs sm{min_sm}+, this GPU is sm{spec.sm}")
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if backend == "efficient" else _HALF
+    if spec.dtype not in dtypes:
+        r.append(f"{name} takes {', '.join(str(d)[6:] for d in dtypes)}, got {str(spec.dtype)[6:]}")
+    if backend == "efficient":
+        align = 8 if spec.dtype in _HALF else 4
+        if spec.head_dim % align or spec.head_dim_v % align:
+            r.append(f"{name} needs head_dims that are multiples of {align}, got "
+                     f"{spec.head_dim}/{spec.head_dim_v}")
+        return r
+    if spec.head_dim > 256 or spec.head_dim_v > 256:
+        r.append(f"{name} needs head_dim <= 256, got {spec.head_dim}/{spec.head_dim_v}")
+    if backend == "flash":
+        if spec.head_dim_v != spec.head_dim:
+            r.append(f"{name} needs v's head_dim equal to q's")
+        if needs_explicit_mask(spec):
+            r.append(f"{name} takes no explicit mask (mask, window, ALiBi or bottom-right causal)")
+        elif spec.causal and spec.seq_len_q != spec.seq_len_k:
+            r.append(f"{name} refuses is_causal with Sq != Sk ({spec.seq_len_q}, {spec.seq_len_k})")
+    else:
+        if spec.head_dim % 8 or spec.head_dim_v % 8:
+            r.append(f"{name} needs head_dims that are multiples of 8, got {spec.head_dim}/{spec.head_dim_v}")
+        if spec.seq_len_k == 1:
+            r.append(f"{name} does not take a key/value sequence of length 1")
+        if spec.dropout:
+            r.append(f"{name} takes dropout only in multiples of 1/16, a value the call "
+                     f"description doesn't carry")
     return r
 
 
-def _cuda_fused_reasons(spec, name, *, min_sm, max_dim, masks) -> list[str]:
-    r = []
-    if spec.sm < min_sm:
-        r.append(f"SDPA {name} needs sm{min_sm}+, this GPU is sm{spec.sm}")
-    if spec.dtype not in _HALF:
-        r.append(f"SDPA {name} needs float16/bfloat16, got {str(spec.dtype)[6:]}")
-    if spec.head_dim > max_dim or spec.head_dim % 8:
-        r.append(f"SDPA {name} needs head_dim a multiple of 8 and <= {max_dim}, got {spec.head_dim}")
-    if spec.head_dim_v != spec.head_dim:
-        r.append(f"SDPA {name} needs v's head_dim equal to q's")
-    if not masks and needs_explicit_mask(spec):
-        r.append(f"SDPA {name} takes no explicit mask (mask, window, ALiBi or bottom-right causal)")
+def _mask_kind(spec) -> str | None:
+    """The explicit mask SDPA gets for this call: None, "bool" or "float" (see explicit_mask)."""
+    if not needs_explicit_mask(spec):
+        return None
+    return "float" if spec.alibi or spec.mask == "float" else "bool"
+
+
+@functools.lru_cache(maxsize=4096)
+def _torch_gate(backend: str, b, hq, hk, sq, sk, d, dv, dtype, causal, mask, dropout, grad) -> tuple:
+    """torch's own verdict on whether SDPA's `backend` takes this call: () or its reasons."""
+    import warnings
+
+    try:
+        dev = torch.device("cuda", torch.cuda.current_device())
+
+        def stand_in(h, s, dd):  # (B, H, S, D) with stride 0 outside the last dim
+            return torch.empty(1, 1, 1, dd, device=dev, dtype=dtype).requires_grad_(grad).expand(b, h, s, dd)
+        q, k, v = stand_in(hq, sq, d), stand_in(hk, sk, d), stand_in(hk, sk, dv)
+        m = None
+        if mask is not None:
+            m = torch.empty(1, 1, 1, sk, device=dev, dtype=torch.bool if mask == "bool" else dtype)
+            m = m.expand(b, hq, sq, sk)
+        p = 0.125 if dropout else 0.0
+        try:
+            params = torch.backends.cuda.SDPAParams(q, k, v, m, p, causal, hq != hk)
+        except TypeError:  # torch without enable_gqa in SDPAParams
+            params = torch.backends.cuda.SDPAParams(q, k, v, m, p, causal)
+        fn = getattr(torch.backends.cuda, f"can_use_{backend}_attention")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ok = fn(params, True)
+    except Exception:  # no verdict: the static reasons stand, runtime fallback covers the rest
+        return ()
+    if ok:
+        return ()
+    msgs = [" ".join(str(w.message).split())[:240] for w in caught] or [f"can_use_{backend}_attention is False"]
+    return tuple(f"torch: {m}" for m in dict.fromkeys(msgs))
+
+
+def _gate(spec, backend, *, repeat_kv=False) -> tuple:
+    if not torch.cuda.is_available():
+        return ()
+    hk = spec.num_heads if repeat_kv else spec.num_kv_heads
+    return _torch_gate(backend, spec.batch, spec.num_heads, hk, spec.seq_len_q, spec.seq_len_k,
+                       spec.head_dim, spec.head_dim_v, spec.dtype,
+                       spec.causal and not needs_explicit_mask(spec), _mask_kind(spec),
+                       spec.dropout, spec.grad)
+
+
+def cuda_reasons(spec, backend) -> list[str]:
+    """Why SDPA's fused `backend` ("flash", "efficient", "cudnn") can't take a CUDA call."""
+    r = _static_cuda(spec, backend)
+    if r:
+        return r
+    gate = _gate(spec, backend)
+    if gate and backend == "efficient" and spec.num_heads != spec.num_kv_heads \
+            and not _gate(spec, backend, repeat_kv=True):
+        return []  # the adapter repeats K/V heads for it (see sdpa_efficient)
+    return list(gate)
+
+
+def supports_sdpa(spec) -> list[str]:
+    r = _plain_reasons(spec)
+    if spec.device == "cuda" and not r and torch.cuda.is_available():
+        fused = {b: _static_cuda(spec, b) or list(_gate(spec, b)) for b in ("cudnn", "flash", "efficient")}
+        if all(fused.values()):  # SDPA would silently run its O(S^2)-memory math kernel
+            gqa = " (enable_gqa with a mask)" if spec.num_heads != spec.num_kv_heads and needs_explicit_mask(spec) else ""
+            r.append(f"no fused SDPA kernel takes this call{gqa}, so torch would run its math kernel; "
+                     f"torch.sdpa_math runs it explicitly. " +
+                     "; ".join(f"{_NAMES[b]}: {v[0]}" for b, v in fused.items()))
     return r
 
 
 def supports_efficient(spec) -> list[str]:
-    r = supports_sdpa(spec)
+    r = _plain_reasons(spec)
     if spec.device != "cuda":
         return r + ["SDPA memory-efficient kernel needs a CUDA device"]
-    if spec.head_dim % 8 or spec.head_dim_v % 8:
-        r.append(f"SDPA efficient needs head_dim a multiple of 8, got {spec.head_dim}")
-    if spec.sm < 50:
-        r.append(f"SDPA efficient needs sm50+, this GPU is sm{spec.sm}")
-    return r
+    return r + cuda_reasons(spec, "efficient")
 
 
 def supports_cudnn(spec) -> list[str]:
-    r = supports_sdpa(spec)
+    r = _plain_reasons(spec)
     if spec.device != "cuda":
         return r + ["SDPA cuDNN kernel needs a CUDA device"]
-    r += _cuda_fused_reasons(spec, "cuDNN", min_sm=80, max_dim=128, masks=True)
-    if spec.dropout:
-        r.append("SDPA cuDNN dropout is not used here")
-    return r
+    return r + cuda_reasons(spec, "cudnn")
+
+
+@functools.lru_cache(maxsize=None)
+def _efficient_native_gqa(device_index: int) -> bool:
+    """Does this torch's memory-efficient kernel take enable_gqa itself (newer torch does)?"""
+    return not _torch_gate("efficient", 1, 4, 2, 16, 16, 64, 64, torch.float16, False, "bool", False, False)
+
+
+def sdpa_efficient(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_slopes,
+                   sinks, layout, causal_align):
+    """SDPA's memory-efficient kernel; on a torch whose kernel lacks GQA, K/V heads are repeated
+    here (a copy of K/V) rather than letting SDPA drop to its math kernel."""
+    head = 1 if layout == "bhsd" else 2
+    if q.shape[head] != k.shape[head] and not _efficient_native_gqa(q.device.index or 0):
+        rep = q.shape[head] // k.shape[head]
+        k, v = k.repeat_interleave(rep, dim=head), v.repeat_interleave(rep, dim=head)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        return sdpa(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_slopes,
+                    sinks, layout, causal_align)
 
 
 _flash_cuda = _forced(SDPBackend.FLASH_ATTENTION)
@@ -194,11 +314,14 @@ def sdpa_flash(*args):
     return flash_cpu(*args) if args[0].device.type == "cpu" else _flash_cuda(*args)
 
 
-register("attention", "torch.sdpa", sdpa, priority=50, supports=supports_sdpa,
-         plain=plain_sdpa)
-register("attention", "torch.sdpa_flash", sdpa_flash, priority=45, supports=supports_flash)
-register("attention", "torch.sdpa_cudnn", _forced(SDPBackend.CUDNN_ATTENTION), priority=48,
-         supports=supports_cudnn)
-register("attention", "torch.sdpa_efficient", _forced(SDPBackend.EFFICIENT_ATTENTION), priority=30,
-         supports=supports_efficient)
-register("attention", "torch.sdpa_math", _forced(SDPBackend.MATH), priority=20, supports=supports_math)
+# Priorities: these constants off CUDA; on CUDA, priorities.py's table per GPU generation.
+register("attention", "torch.sdpa", sdpa, priority=priorities.attention("torch.sdpa", 50),
+         supports=supports_sdpa, plain=plain_sdpa)
+register("attention", "torch.sdpa_flash", sdpa_flash,
+         priority=priorities.attention("torch.sdpa_flash", 45), supports=supports_flash)
+register("attention", "torch.sdpa_cudnn", _forced(SDPBackend.CUDNN_ATTENTION),
+         priority=priorities.attention("torch.sdpa_cudnn", 48), supports=supports_cudnn)
+register("attention", "torch.sdpa_efficient", sdpa_efficient,
+         priority=priorities.attention("torch.sdpa_efficient", 30), supports=supports_efficient)
+register("attention", "torch.sdpa_math", _forced(SDPBackend.MATH),
+         priority=priorities.attention("torch.sdpa_math", 20), supports=supports_math)

@@ -1,0 +1,43 @@
+"""Small helpers the GPU backends share: device/dtype reasons and Triton's CPU interpreter."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton runs kernels on the CPU (for tests; slow)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cuda_reasons(spec, name: str, *, min_sm: int = 80, dtypes=HALF, max_sm: int | None = None) -> list[str]:
+    """Reasons a CUDA-only kernel can't run: device, compute capability and dtype."""
+    r = []
+    if spec.device != "cuda":
+        return [f"{name} needs a CUDA device, the call is on {spec.device}"]
+    if spec.sm < min_sm or (max_sm is not None and spec.sm > max_sm):
+        need = f"sm{min_sm}" + (f"-sm{max_sm}" if max_sm is not None else "+")
+        r.append(f"{name} needs {need}, this GPU is sm{spec.sm}")
+    if spec.dtype not in dtypes:
+        r.append(f"{name} takes {', '.join(map(dtype_name, dtypes))}, got {dtype_name(spec.dtype)}")
+    return r
+
+
+def triton_reasons(spec, name: str, dtypes=(torch.float16, torch.bfloat16, torch.float32)) -> list[str]:
+    """Reasons a Triton kernel can't run: it needs CUDA, or the CPU under TRITON_INTERPRET=1."""
+    r = []
+    if spec.device != "cuda" and not (spec.device == "cpu" and interpreting()):
+        r.append(f"{name} (Triton) needs a CUDA device (or TRITON_INTERPRET=1 on CPU), "
+                 f"the call is on {spec.device}")
+    if spec.dtype not in dtypes:
+        r.append(f"{name} takes {', '.join(map(dtype_name, dtypes))}, got {dtype_name(spec.dtype)}")
+    if spec.grad:
+        r.append(f"{name} is forward-only here (inputs require grad)")
+    return r

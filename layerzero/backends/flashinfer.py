@@ -1,0 +1,314 @@
+"""FlashInfer as kernels: `flashinfer.prefill`, `flashinfer.decode` (attention),
+`flashinfer.rms_norm`, `flashinfer.rope`, `flashinfer.sample`.
+
+Attention. FlashInfer takes q as (tokens, H, D) and k/v per request as "NHD" (S, H, D) or
+"HND" (H, S, D). A dense (B, Sk, H, D) k/v is a paged cache with one page of Sk tokens per
+request, so batches use the paged wrappers without copying K/V: "bshd" k/v are NHD pages,
+"bhsd" k/v are HND pages. One request (B = 1) uses the single-request kernels.
+
+    prefill  B = 1: single_prefill_with_kv_cache;  B > 1: BatchPrefillWithPagedKVCacheWrapper
+    decode   B = 1: single_decode_with_kv_cache;   B > 1: BatchDecodeWithPagedKVCacheWrapper
+
+Wrappers are planned once per call geometry and reused (plan/run; an LRU of 64 plans sharing
+one 128 MiB workspace per device); a call with a mask plans with that mask each time.
+Semantics: causal masks and `window_left` are bottom-right aligned (query i at key i + Sk - Sq),
+so top-left causal/window calls need Sq == Sk; a window's right bound can only be 0 (causal)
+or unbounded. A bool attn_mask (shared across heads) becomes FlashInfer's custom mask, with the
+causal/window terms folded in; rows it masks completely return zeros. Softcap is
+`logits_soft_cap`. No ALiBi (FlashInfer's built-in slopes are fixed), no float masks, no sinks,
+no dropout.
+
+JIT: FlashInfer compiles each kernel variant (dtype, head_dim, mask mode, window, softcap) with
+nvcc on first use, 12-70 s each, cached on disk (~/.cache/flashinfer). Warm up outside timed
+regions (benchmarks/attention.py does); the probe below compiles `rmsnorm` once per machine.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+
+import torch
+
+from .. import probe
+from .. import reference
+from ..registry import register
+from . import priorities
+from ._gpu import HALF, cuda_reasons
+
+_MOD = "flashinfer"
+WORKSPACE_BYTES = 128 * 1024 * 1024
+MAX_PLANS = 64
+HEAD_DIMS = (64, 128, 256)
+
+_lock = threading.Lock()
+_workspaces: dict = {}
+_plans: collections.OrderedDict = collections.OrderedDict()
+
+
+def workspace(device) -> torch.Tensor:
+    ws = _workspaces.get(device)
+    if ws is None:
+        with _lock:
+            ws = _workspaces.setdefault(device, torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8,
+                                                            device=device))
+    return ws
+
+
+def fi_mask(sq: int, sk: int, is_causal: bool, window, causal_align: str):
+    """(causal, window_left) for FlashInfer's bottom-right masks, or a str saying why not."""
+    left, right = window if window is not None else (-1, -1)
+    if (is_causal or window is not None) and causal_align == "top_left" and sq != sk:
+        return (f"FlashInfer aligns causal masks and windows bottom-right; a top-left one needs "
+                f"Sq == Sk (got {sq}, {sk})")
+    causal = is_causal or right == 0
+    if not causal and right > 0 and right < sk:
+        return f"FlashInfer's window has no right bound other than 0 (causal) or none; got {right}"
+    if causal and sq > sk:
+        return f"FlashInfer's causal mask needs Sq <= Sk (got {sq} > {sk})"
+    return causal, left
+
+
+def _cached(key, make):
+    w = _plans.get(key)
+    if w is not None:
+        _plans.move_to_end(key)
+        return w
+    w = make()
+    with _lock:
+        _plans[key] = w
+        while len(_plans) > MAX_PLANS:
+            _plans.popitem(last=False)
+    return w
+
+
+def _pages(b, sk, device):
+    """Paged-KV metadata for one page of sk tokens per request: indptr, indices, last_page_len."""
+    ar = torch.arange(b + 1, dtype=torch.int32, device=device)
+    return ar, ar[:-1].contiguous(), torch.full((b,), sk, dtype=torch.int32, device=device)
+
+
+def _kv(k, v, layout):
+    """K/V as FlashInfer pages and the layout name: (B, Sk, H, D) "NHD" or (B, H, Sk, D) "HND"."""
+    return k.contiguous(), v.contiguous(), "NHD" if layout == "bshd" else "HND"
+
+
+def _dims(q, k, v, layout):
+    if layout == "bhsd":
+        (b, hq, sq, d), (hk, sk), dv = q.shape, k.shape[1:3], v.shape[-1]
+    else:
+        (b, sq, hq, d), (sk, hk), dv = q.shape, k.shape[1:3], v.shape[-1]
+    return b, hq, hk, sq, sk, d, dv
+
+
+def _custom_mask(q, b, sq, sk, attn_mask, is_causal, window, causal_align):
+    """(B, Sq, Sk) bool: the caller's mask with causal/window folded in."""
+    allowed = reference.attention_allowed(sq, sk, is_causal=is_causal, window=window,
+                                          causal_align=causal_align, device=q.device)
+    m = attn_mask if allowed is None else attn_mask & allowed
+    if m.dim() == 4:
+        if m.shape[1] != 1:
+            raise ValueError("FlashInfer takes one mask for all heads; this attn_mask varies per "
+                             "head (falling back to another kernel)")
+        m = m[:, 0]
+    return m.expand(b, sq, sk)
+
+
+def prefill(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_slopes, sinks,
+            layout, causal_align):
+    import flashinfer
+
+    b, hq, hk, sq, sk, d, dv = _dims(q, k, v, layout)
+    mask = None
+    if attn_mask is not None:
+        mask = _custom_mask(q, b, sq, sk, attn_mask, is_causal, window, causal_align)
+        causal, left = False, -1
+    else:
+        causal, left = fi_mask(sq, sk, is_causal, window, causal_align)
+    qt = (q.transpose(1, 2) if layout == "bhsd" else q).reshape(b * sq, hq, d)   # (B*Sq, Hq, D)
+    kc, vc, kv_layout = _kv(k, v, layout)
+    opts = dict(sm_scale=scale, window_left=left, logits_soft_cap=softcap)
+    if b == 1:
+        out = flashinfer.single_prefill_with_kv_cache(
+            qt.contiguous(), kc[0], vc[0], custom_mask=None if mask is None else mask[0].contiguous(),
+            causal=causal, kv_layout=kv_layout, **opts)
+    else:
+        def make():
+            w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(q.device), kv_layout)
+            indptr, indices, last = _pages(b, sk, q.device)
+            qo_indptr = torch.arange(b + 1, dtype=torch.int32, device=q.device) * sq
+            w.plan(qo_indptr, indptr, indices, last, hq, hk, d, sk, head_dim_vo=dv,
+                   custom_mask=None if mask is None else mask.reshape(-1), causal=causal,
+                   q_data_type=q.dtype, kv_data_type=k.dtype, **opts)
+            return w
+        key = ("prefill", q.device, b, sq, sk, hq, hk, d, dv, q.dtype, causal, left, softcap,
+               scale, kv_layout)
+        w = make() if mask is not None else _cached(key, make)
+        out = w.run(qt.contiguous(), (kc, vc))
+    out = out.view(b, sq, hq, dv)                                                 # (B, Sq, Hq, Dv)
+    if mask is not None:
+        out = out.masked_fill(~mask.any(-1)[:, :, None, None], 0.0)  # rows with no key: zeros
+    return out.transpose(1, 2) if layout == "bhsd" else out
+
+
+def decode(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_slopes, sinks,
+           layout, causal_align):
+    import flashinfer
+
+    b, hq, hk, sq, sk, d, dv = _dims(q, k, v, layout)
+    left = window[0] if window is not None else -1
+    qt = (q[:, :, 0] if layout == "bhsd" else q[:, 0]).contiguous()               # (B, Hq, D)
+    kc, vc, kv_layout = _kv(k, v, layout)
+    opts = dict(sm_scale=scale, window_left=left, logits_soft_cap=softcap)
+    if b == 1:
+        out = flashinfer.single_decode_with_kv_cache(qt[0], kc[0], vc[0], kv_layout=kv_layout,
+                                                     use_tensor_cores=hq // hk >= 4, **opts)[None]
+    else:
+        def make():
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(q.device), kv_layout,
+                                                              use_tensor_cores=hq // hk >= 4)
+            indptr, indices, last = _pages(b, sk, q.device)
+            w.plan(indptr, indices, last, hq, hk, d, sk, pos_encoding_mode="NONE",
+                   q_data_type=q.dtype, kv_data_type=k.dtype, **opts)
+            return w
+        key = ("decode", q.device, b, sk, hq, hk, d, q.dtype, left, softcap, scale, kv_layout)
+        out = _cached(key, make).run(qt, (kc, vc))
+    out = out.view(b, 1, hq, dv)                                                  # (B, 1, Hq, Dv)
+    return out.transpose(1, 2) if layout == "bhsd" else out
+
+
+def _attn_common(spec, name) -> list[str]:
+    r = cuda_reasons(spec, name, min_sm=80, dtypes=HALF)
+    if spec.head_dim not in HEAD_DIMS or spec.head_dim_v != spec.head_dim:
+        r.append(f"{name} is used with head_dim {', '.join(map(str, HEAD_DIMS))} (q and v equal), "
+                 f"got {spec.head_dim}/{spec.head_dim_v}")
+    for flag, what in ((spec.alibi, "ALiBi with caller slopes"), (spec.sinks, "attention sinks"),
+                       (spec.dropout, "dropout"), (spec.grad, "backward (inputs require grad)")):
+        if flag:
+            r.append(f"{name} has no {what} here")
+    return r
+
+
+def supports_prefill(spec) -> list[str]:
+    r = _attn_common(spec, "flashinfer.prefill")
+    if spec.mask == "float":
+        r.append("FlashInfer's custom mask is boolean; a float (additive) attn_mask can't be passed")
+    elif spec.mask == "none":
+        m = fi_mask(spec.seq_len_q, spec.seq_len_k, spec.causal, spec.window, spec.causal_align)
+        if isinstance(m, str):
+            r.append(m)
+    return r
+
+
+def supports_decode(spec) -> list[str]:
+    r = _attn_common(spec, "flashinfer.decode")
+    if spec.seq_len_q != 1:
+        r.append(f"flashinfer.decode takes one query token per request, got Sq={spec.seq_len_q}")
+    if spec.mask != "none":
+        r.append("flashinfer.decode takes no attn_mask (flashinfer.prefill does)")
+    if (spec.causal or spec.window is not None) and spec.causal_align == "top_left" and spec.seq_len_k > 1:
+        r.append("FlashInfer aligns causal masks and windows bottom-right; top-left with Sq=1 < Sk "
+                 "would see only the first keys")
+    return r
+
+
+# ---- norms, rope, sampling ----------------------------------------------------------------------
+
+def rms_norm(x, weight, eps, residual, offset):
+    import flashinfer
+
+    if residual is not None:
+        x = x + residual
+    h = x.shape[-1]
+    if weight is None:            # no weight: no scale (the offset applies to a weight only)
+        w = torch.ones(h, dtype=x.dtype, device=x.device)
+    else:                         # offset folded into the weight (Gemma's 1 + w), in fp32 first
+        w = (weight.float() + offset).to(x.dtype) if offset else weight.to(x.dtype)
+    y = flashinfer.norm.rmsnorm(x.reshape(-1, h).contiguous(), w, eps).view(x.shape)
+    return (y, x) if residual is not None else y
+
+
+def rope(q, k, cos, sin, layout, interleaved):
+    import flashinfer
+
+    b, d = q.shape[0], q.shape[-1]
+    s = q.shape[2] if layout == "bhsd" else q.shape[1]
+    half = cos.shape[-1] // 2
+
+    def first(c):        # one copy of each angle: halves (llama) or even positions (GPT-J)
+        c = c if c.dim() == 3 else c.unsqueeze(0)
+        c = c.expand(c.shape[0], s, c.shape[-1])
+        return (c[..., 0::2] if interleaved else c[..., :half]).reshape(-1, half)
+    cache = torch.cat((first(cos), first(sin)), dim=-1).float().contiguous()       # (rows, D_rot)
+    per_batch = cos.dim() == 3 and cos.shape[0] > 1
+    pos = torch.arange(b * s if per_batch else s, device=q.device)
+    pos = pos if per_batch else pos.repeat(b)                                      # (B*S,)
+
+    def tokens(t):       # (B*S, H*D), token-major
+        return (t.transpose(1, 2) if layout == "bhsd" else t).reshape(b * s, -1)
+    qo, ko = flashinfer.rope.apply_rope_with_cos_sin_cache(pos, tokens(q), tokens(k), d, cache,
+                                                          is_neox=not interleaved)
+    qo, ko = qo.view(b, s, -1, d), ko.view(b, s, -1, d)                            # (B, S, H, D)
+    return (qo.transpose(1, 2), ko.transpose(1, 2)) if layout == "bhsd" else (qo, ko)
+
+
+def sample(logits, temperature, top_k, top_p, min_p, generator):
+    from flashinfer import sampling
+
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    probs = torch.softmax(x, dim=-1)
+    if top_k is not None and top_k < probs.shape[-1]:
+        probs = sampling.top_k_renorm_probs(probs, top_k)
+    if top_p is not None and top_p < 1.0:
+        probs = sampling.top_p_renorm_probs(probs, top_p)
+    if min_p is not None:
+        out = sampling.min_p_sampling_from_probs(probs, min_p, generator=generator)
+    else:
+        out = sampling.sampling_from_probs(probs, generator=generator)
+    return out.long()
+
+
+def supports_rms(spec) -> list[str]:
+    r = cuda_reasons(spec, "flashinfer.rms_norm", min_sm=75, dtypes=HALF)
+    if spec.grad:
+        r.append("flashinfer.rms_norm is forward-only (inputs require grad)")
+    return r
+
+
+def supports_rope(spec) -> list[str]:
+    r = cuda_reasons(spec, "flashinfer.rope", min_sm=75, dtypes=HALF)
+    if spec.grad:
+        r.append("flashinfer.rope is forward-only (inputs require grad)")
+    return r
+
+
+def supports_sample(spec) -> list[str]:
+    r = cuda_reasons(spec, "flashinfer.sample", min_sm=75,
+                     dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    if "greedy" in spec.flags:
+        r.append("temperature=0 is an argmax; torch's is as fast")
+    if not spec.flags & {"top_k", "top_p", "min_p"}:
+        r.append("no top-k/top-p/min-p filter: torch.multinomial is as fast")
+    return r
+
+
+probe.define(_MOD, """
+import flashinfer
+if dev:
+    x = torch.randn(4, 128, device=dev, dtype=torch.bfloat16)
+    flashinfer.norm.rmsnorm(x, torch.ones(128, device=dev, dtype=torch.bfloat16), 1e-6)
+""", ("flashinfer-python", "flashinfer-cubin", "flashinfer-jit-cache"))
+
+register("attention", "flashinfer.prefill", prefill,
+         priority=priorities.attention("flashinfer.prefill", 46), supports=supports_prefill,
+         requires=(_MOD,))
+register("attention", "flashinfer.decode", decode,
+         priority=priorities.attention("flashinfer.decode", 50), supports=supports_decode,
+         requires=(_MOD,))
+register("rms_norm", "flashinfer.rms_norm", rms_norm, priority=priorities.by_size(52, 40),
+         supports=supports_rms, requires=(_MOD,))
+register("rope", "flashinfer.rope", rope, priority=priorities.gpu_only(50), supports=supports_rope,
+         requires=(_MOD,))
+register("sample", "flashinfer.sample", sample, priority=priorities.gpu_only(60),
+         supports=supports_sample, requires=(_MOD,))

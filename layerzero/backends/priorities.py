@@ -1,0 +1,115 @@
+"""Default kernel priorities per GPU generation, and the per-shape rules where the winner flips.
+
+A priority only orders the kernels that can run a call (their `supports()` decides that); policy
+boosts and measured timings come on top. Every rule here is a pure function of the CallSpec, so
+selection stays a pure, cacheable function.
+
+Starting point: the H100 table of FIELD-NOTES (bf16 forward, torch 2.11, cuDNN 9.19), then
+benchmarks/attention.py's oracle on the GPU host (numbers in benchmarks/RESULTS.md):
+
+- plain prefill: flash-attn-4 > cuDNN = SDPA's default (it picks cuDNN on sm90/sm100) > FlashInfer
+  (fa3) > flex > SDPA flash > efficient. FA4's Python launch costs tens of microseconds, so
+- small calls (little work per launch) go to SDPA's plain path, which has the least overhead;
+- decode (Sq <= 16): cuDNN / SDPA's default ~ flex > FlashInfer > SDPA flash (FIELD-NOTES row 5);
+- feature calls that SDPA can express only with a materialised mask (window, bottom-right causal
+  with Sq != Sk, ALiBi, padding masks) or not at all (softcap, sinks): kernels taking the feature
+  natively first (flash-attn, FlashInfer), then flex (block masks skip masked tiles; its static
+  score is 30), then SDPA with an explicit mask.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+DECODE_MAX_Q = 16          # Sq at or below this is a decode / speculative-verify step
+SMALL_FLOPS = 3e10         # below this a launch's host overhead rivals FA4's kernel-time gain
+
+# generation -> call kind -> kernel id -> priority (kernels not listed keep their default)
+_PREFILL_HOPPER = {"flash_attn.fa4": 70, "flash_attn.fa3": 66, "torch.sdpa": 52,
+                   "torch.sdpa_cudnn": 50, "flashinfer.prefill": 46, "flash_attn.fa2": 44,
+                   "torch.sdpa_flash": 42, "xformers.mea": 36, "torch.sdpa_efficient": 30,
+                   "torch.sdpa_math": 20}
+_SMALL = {"torch.sdpa": 60, "torch.sdpa_cudnn": 50, "torch.sdpa_flash": 48, "flash_attn.fa2": 47,
+          "flash_attn.fa3": 46, "flash_attn.fa4": 45, "flashinfer.prefill": 40,
+          "xformers.mea": 36, "torch.sdpa_efficient": 30, "torch.sdpa_math": 20}
+_DECODE = {"torch.sdpa": 56, "torch.sdpa_cudnn": 55, "flashinfer.decode": 50, "flash_attn.fa2": 48,
+           "flash_attn.fa3": 48, "torch.sdpa_flash": 42, "flash_attn.fa4": 40,
+           "flashinfer.prefill": 35, "xformers.mea": 34, "torch.sdpa_efficient": 30,
+           "torch.sdpa_math": 20}
+_FEATURE = {"flash_attn.fa4": 75, "flash_attn.fa3": 73, "flash_attn.fa2": 70,
+            "flashinfer.decode": 64, "flashinfer.prefill": 62, "xformers.mea": 29,
+            "torch.sdpa_cudnn": 28, "torch.sdpa_efficient": 27, "torch.sdpa": 26,
+            "torch.sdpa_flash": 25, "torch.sdpa_math": 20}
+TABLES = {
+    "hopper": {"prefill": _PREFILL_HOPPER, "small": _SMALL, "decode": _DECODE, "feature": _FEATURE},
+    "blackwell": {"prefill": {**_PREFILL_HOPPER, "flash_attn.fa4": 75}, "small": _SMALL,
+                  "decode": _DECODE, "feature": _FEATURE},
+    # Ampere/Ada: SDPA's default is its flash kernel (FA2 code); cuDNN isn't preferred there.
+    "ampere": {"prefill": {**_PREFILL_HOPPER, "flash_attn.fa2": 60, "torch.sdpa_cudnn": 40},
+               "small": _SMALL, "decode": _DECODE, "feature": _FEATURE},
+    "other": {"prefill": {}, "small": _SMALL, "decode": _DECODE, "feature": _FEATURE},
+}
+
+
+def generation(sm: int) -> str:
+    if 80 <= sm < 90:
+        return "ampere"
+    if 90 <= sm < 100:
+        return "hopper"
+    if 100 <= sm < 130:
+        return "blackwell"
+    return "other"
+
+
+def native_sdpa(spec) -> bool:
+    """The call needs nothing SDPA lacks an argument for (layout is free: a transpose)."""
+    return (spec.mask == "none" and spec.window is None and not (spec.softcap or spec.alibi or spec.sinks)
+            and (not spec.causal or spec.causal_align == "top_left" or spec.seq_len_q == spec.seq_len_k))
+
+
+def attention_flops(spec) -> float:
+    f = 4.0 * spec.batch * spec.num_heads * spec.seq_len_q * spec.seq_len_k * spec.head_dim
+    return f / 2 if spec.causal else f
+
+
+def call_kind(spec) -> str:
+    """"feature", "decode", "small" or "prefill" (checked in that order)."""
+    if not native_sdpa(spec):
+        return "feature"
+    if spec.seq_len_q <= DECODE_MAX_Q:
+        return "decode"
+    if attention_flops(spec) < SMALL_FLOPS:
+        return "small"
+    return "prefill"
+
+
+def attention(kernel_id: str, default: int) -> Callable:
+    """priority(spec) for an attention kernel: `default` off CUDA (CPU behaviour is unchanged),
+    the generation's table for CUDA calls."""
+    def priority(spec) -> int:
+        if spec.device != "cuda":
+            return default
+        table = TABLES[generation(spec.sm)][call_kind(spec)]
+        return table.get(kernel_id, default)
+    priority.__qualname__ = f"attention_priority[{kernel_id}]"
+    return priority
+
+
+def by_size(big: int, small: int, min_elems: int = 1 << 20, *, residual: int | None = None) -> Callable:
+    """priority(spec) for row/elementwise ops of a GPU kernel: on big tensors it wins (`residual`
+    instead of `big` when the call fuses a residual add); on small ones launch overhead decides
+    (torch's own kernels launch cheapest). Off CUDA (Triton's CPU interpreter) it is 1: only an
+    explicit lz.use picks it there."""
+    def priority(spec) -> int:
+        if spec.device != "cuda":
+            return 1
+        if spec.batch * max(spec.head_dim, 1) < min_elems:
+            return small
+        return residual if residual is not None and "residual" in spec.flags else big
+    return priority
+
+
+def gpu_only(value: int) -> Callable:
+    """priority(spec): `value` on CUDA, 1 elsewhere (Triton's CPU interpreter is for tests)."""
+    def priority(spec) -> int:
+        return value if spec.device == "cuda" else 1
+    return priority

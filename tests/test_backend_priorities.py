@@ -1,0 +1,122 @@
+"""Priorities per GPU generation and per call shape (a callable priority, the core hook in
+select.py's score), and the CUDA reasons of the SDPA kernels, on described calls (no GPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layerzero import registry
+from layerzero.backends import priorities, torch_sdpa
+from layerzero.call import CallSpec
+from layerzero.policy import Policy
+from layerzero.select import select
+
+
+def attn(sm=90, b=4, hq=32, hk=32, sq=2048, sk=2048, d=128, dtype=torch.bfloat16, **kw):
+    return CallSpec("attention", "cuda", sm, dtype, b, hq, hk, sq, sk, d, d, **kw)
+
+
+def pretend_available(monkeypatch):
+    monkeypatch.setattr(registry, "unavailable_reason", lambda k: None)
+    monkeypatch.setattr(torch_sdpa, "_gate", lambda spec, backend, repeat_kv=False: ())
+
+
+@pytest.mark.parametrize("spec,kind", [
+    (attn(causal=True), "prefill"),
+    (attn(b=1, hq=8, hk=8, sq=128, sk=128), "small"),
+    (attn(b=64, hq=32, hk=8, sq=1, sk=4096), "decode"),
+    (attn(window=(128, 0)), "feature"),
+    (attn(softcap=True), "feature"),
+    (attn(mask="bool"), "feature"),
+    (attn(causal=True, causal_align="bottom_right", sq=512, sk=4096), "feature"),
+    (attn(causal=True, causal_align="bottom_right"), "prefill"),           # Sq == Sk: same mask
+])
+def test_call_kind(spec, kind):
+    assert priorities.call_kind(spec) == kind
+
+
+@pytest.mark.parametrize("spec,winner", [
+    (attn(causal=True), "flash_attn.fa4"),                                    # FIELD-NOTES row 1
+    (attn(sm=100, b=2, hq=24, hk=24, sq=4096, sk=4096), "flash_attn.fa4"),
+    (attn(sm=80, causal=True), "flash_attn.fa2"),                             # Ampere: no FA3/FA4
+    (attn(b=1, hq=8, hk=8, sq=128, sk=128), "torch.sdpa"),                    # launch overhead
+    (attn(b=64, hq=32, hk=8, sq=1, sk=4096), "torch.sdpa"),                   # decode (row 5)
+    (attn(window=(256, 0), causal=True), "flash_attn.fa4"),
+    (attn(alibi=True, causal=True), "flash_attn.fa2"),                        # only FA2 has ALiBi
+    (attn(b=8, hq=32, hk=8, sq=1, sk=8192, window=(1024, -1), causal_align="bottom_right"),
+     "flash_attn.fa4"),
+])
+def test_h100_defaults_pick_the_measured_winner(monkeypatch, spec, winner):
+    pretend_available(monkeypatch)
+    d = select(spec, registry.op_kernels("attention"), Policy())
+    assert d.chosen == winner, str(d)
+
+
+def test_feature_calls_prefer_flex_over_sdpa_with_a_materialised_mask(monkeypatch):
+    pretend_available(monkeypatch)
+    spec = attn(mask="bool")
+    d = select(spec, registry.op_kernels("attention"), Policy())
+    scores = {c.kernel: c.score for c in d.candidates if c.score is not None}
+    assert scores["torch.flex"] > scores["torch.sdpa_cudnn"] > scores["torch.sdpa"]
+
+
+def test_cpu_priorities_unchanged():
+    spec = CallSpec("attention", "cpu", 0, torch.float32, 1, 2, 2, 4, 4, 8, 8)
+    got = {k.id: (k.priority(spec) if callable(k.priority) else k.priority)
+           for k in registry.op_kernels("attention")}
+    assert {k: got[k] for k in ("torch.sdpa", "torch.sdpa_flash", "torch.sdpa_cudnn",
+                                "torch.sdpa_efficient", "torch.sdpa_math")} == \
+        {"torch.sdpa": 50, "torch.sdpa_flash": 45, "torch.sdpa_cudnn": 48,
+         "torch.sdpa_efficient": 30, "torch.sdpa_math": 20}
+
+
+def test_norm_priority_by_size():
+    p = registry.get("triton.rms_norm").priority
+    big = CallSpec("rms_norm", "cuda", 90, torch.bfloat16, batch=16384, head_dim=4096)
+    assert p(big) > 50 > p(big._replace(batch=8))              # torch.rms_norm is 50
+    assert p(big._replace(flags=frozenset({"residual"}))) > registry.get("liger.rms_norm").priority(big)
+    assert p(big._replace(device="cpu", sm=0)) == 1
+
+
+def test_register_takes_a_callable_priority_and_rejects_junk():
+    with pytest.raises(TypeError, match="priority"):
+        registry.register("swiglu", "junk.x", lambda g, u: g, priority="high")
+    with pytest.raises(TypeError, match="priority"):
+        registry.register("swiglu", "junk.x", lambda g, u: g, priority=True)
+
+
+# ---- SDPA's CUDA reasons (static part; the torch gate needs a GPU and runs on the host) -------
+
+@pytest.mark.parametrize("kernel,spec,reason", [
+    ("torch.sdpa_flash", attn(mask="bool"), "explicit mask"),
+    ("torch.sdpa_flash", attn(dtype=torch.float32), "float16"),
+    ("torch.sdpa_flash", attn(causal=True, sq=16, sk=64), "Sq != Sk"),
+    ("torch.sdpa_flash", attn(sm=75), "sm80"),
+    ("torch.sdpa_cudnn", attn(dropout=True), "1/16"),
+    ("torch.sdpa_cudnn", attn(sq=1, sk=1), "length 1"),
+    ("torch.sdpa_cudnn", attn(d=100), "multiples of 8"),
+    ("torch.sdpa_efficient", attn(d=100), "multiples of 8"),
+    ("torch.sdpa_efficient", attn(softcap=True), "softcap"),
+])
+def test_sdpa_cuda_static_reasons(kernel, spec, reason):
+    r = registry.get(kernel).reasons(spec)
+    assert any(reason in x for x in r), r
+
+
+def test_sdpa_flash_takes_dropout_on_cuda_only():
+    assert not registry.get("torch.sdpa_flash").reasons(attn(dropout=True))
+    cpu = CallSpec("attention", "cpu", 0, torch.float32, 1, 2, 2, 4, 4, 8, 8, dropout=True)
+    assert registry.get("torch.sdpa_flash").reasons(cpu)
+
+
+def test_sdpa_math_fallback_is_visible(monkeypatch):
+    """When no fused SDPA kernel takes a call (e.g. enable_gqa with a mask on a torch whose
+    efficient kernel lacks GQA), torch.sdpa is refused with the reason; sdpa_math stays explicit."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch_sdpa, "_gate", lambda spec, backend, repeat_kv=False:
+                        () if repeat_kv else (f"torch: {backend} says no",))
+    spec = attn(hk=8, mask="bool")
+    r = registry.get("torch.sdpa").reasons(spec)
+    assert r and "math kernel" in r[0] and "enable_gqa with a mask" in r[0]
+    assert not registry.get("torch.sdpa_math").reasons(spec)
+    assert not registry.get("torch.sdpa_efficient").reasons(spec)   # repeats K/V heads itself
