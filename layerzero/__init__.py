@@ -22,6 +22,7 @@ from .telemetry import serve as metrics_server
 from .patch import auto_patch, patch, unpatch
 from .control import load_environment as _load_environment
 from . import compiled as _compiled, ops as _ops
+from .integrations import diffusers as _diffusers
 from .integrations import transformers as _transformers
 from .patch import when_imported as _when_imported
 
@@ -29,6 +30,7 @@ _load_environment()
 # Registrations with optional packages, made when (and only if) the user imports them.
 _when_imported("transformers.modeling_utils", _transformers.register_attention)
 _when_imported("transformers.masking_utils", _transformers.register_mask)
+_when_imported("diffusers.models.attention_dispatch", _diffusers.register_backend)
 _when_imported("torch._dynamo", lambda _m: _compiled.install(_ops.PUBLIC))
 
 __all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "register",
