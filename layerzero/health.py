@@ -30,8 +30,13 @@ def allows(kernel_id: str, spec) -> bool:
         return False
 
 
+MAX_ENTRIES = 4096  # distinct (kernel, call) failure records kept; the oldest go first
+
+
 def failure(kernel_id: str, spec) -> None:
     with _lock:
+        if len(state) >= MAX_ENTRIES and (kernel_id, spec) not in state:
+            del state[next(iter(state))]
         st = state.setdefault((kernel_id, spec), [0, 0.0])
         st[0] += 1
         if st[0] >= threshold:

@@ -114,3 +114,10 @@ def test_invalid_input_on_a_cached_key_is_an_error_not_a_fallback():
     with pytest.raises(TypeError, match="k has dtype torch.bfloat16"):
         lz.attention(q, k.bfloat16(), v, softcap=3.0)
     assert lz.metrics()["fallbacks"] == {}
+
+
+def test_breaker_records_are_bounded(flaky, monkeypatch):
+    monkeypatch.setattr(health, "MAX_ENTRIES", 5)
+    for s in range(1, 12):
+        lz.attention(*(torch.randn(1, 2, s, 8) for _ in range(3)))
+    assert len(health.state) == 5
