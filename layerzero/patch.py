@@ -452,8 +452,9 @@ def _patch_mlp(name: str, m: nn.Module, report: Report, undo: list) -> None:
     act_attr = next((a for a in _ACT_ATTRS if callable(getattr(m, a, None))), None)
     found = activation_op(getattr(m, act_attr)) if act_attr else None
     if found is None:
-        report.add(name, "mlp", "skipped", detail=f"{cls}: activation "
-                   f"{type(getattr(m, act_attr, None)).__name__} is neither SiLU nor GELU")
+        what = (f"activation {type(getattr(m, act_attr)).__name__} is neither SiLU nor GELU" if act_attr
+                else f"no activation attribute ({', '.join(_ACT_ATTRS)})")
+        report.add(name, "mlp", "skipped", detail=f"{cls}: {what}")
         return
     if any(isinstance(c, nn.Dropout) and c.p > 0 for c in m.children()):
         report.add(name, "mlp", "skipped", detail=f"{cls}: has dropout between the projections")
