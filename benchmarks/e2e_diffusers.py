@@ -134,7 +134,8 @@ def main(argv=None) -> dict:
             outputs[name] = step()
             results[name] = {}
             if name.startswith("layerzero"):
-                results[name]["kernels"] = lz.metrics()["calls"]
+                m = lz.metrics()
+                results[name].update(kernels=m["calls"], fallbacks=m["fallbacks"])
             if name == "layerzero":
                 results[name].update(patched=len(got.patched), skipped=len(got.skipped))
             time_ms(step, device, warmup)
@@ -171,7 +172,8 @@ def main(argv=None) -> dict:
         r["ms"] = round(r["ms"], 3)
         print(f"  {name:<18} {r['ms']:9.3f} ms   x{r.get('ratio', float('nan')):.3f} of native   "
               f"max|diff| {r.get('max_abs_diff_vs_native', float('nan')):.3g}")
-    print(f"  layerzero kernels: {results['layerzero']['kernels']}")
+    print(f"  layerzero kernels: {results['layerzero']['kernels']}"
+          f"{'  fallbacks: ' + str(results['layerzero']['fallbacks']) if results['layerzero']['fallbacks'] else ''}")
     if "ratio" in results["layerzero"]:
         print(f"ratio t(layerzero)/t(native) = {results['layerzero']['ratio']:.3f}  (goal <= {GOAL})")
 

@@ -280,3 +280,17 @@ def test_quickstart_and_benchmark_smoke(tmp_path, capsys):
     lzr = result["results"]["layerzero"]
     assert lzr["max_abs_diff_vs_native"] < 1e-4 and {"attention", "rms_norm", "rope"} <= set(lzr["kernels"])
     assert "ratio t(layerzero)/t(native)" in capsys.readouterr().out
+
+
+def test_patched_model_compiles_fullgraph():
+    """Rebound processor globals live in a real module, so torch.compile's guards on them hold."""
+    model = tiny_flux()
+    before = run_flux(model)
+    lz.patch(model)
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(run_flux(compiled), before, **TOL)
+    finally:
+        torch._dynamo.reset()
+        lz.unpatch(model)

@@ -285,9 +285,8 @@ def _plan(cls, attention: bool, rope: bool) -> dict:
             elif callable(obj) and "rotary" in n.lower() and plan["rope"] is None:
                 plan["rope_why"] = f"{cls.__name__}: rotary helper {n} is not diffusers' apply_rotary_emb"
     if rebind:
-        new_globals = dict(g)
-        new_globals.update(rebind)
-        call = types.FunctionType(code, new_globals, fn.__name__, fn.__defaults__, fn.__closure__)
+        call = types.FunctionType(code, _rebound_globals(g, rebind), fn.__name__, fn.__defaults__,
+                                  fn.__closure__)
         call.__kwdefaults__ = fn.__kwdefaults__
         call.__qualname__, call.__doc__ = fn.__qualname__, fn.__doc__
         call.__dict__.update(fn.__dict__)
@@ -296,6 +295,20 @@ def _plan(cls, attention: bool, rope: bool) -> dict:
             "__doc__": cls.__doc__, "_layerzero_original_class": cls})
     _plans[key] = plan
     return plan
+
+
+def _rebound_globals(g: dict, rebind: dict) -> dict:
+    """A copy of a module's globals with some names rebound, as the namespace of a real module in
+    sys.modules (named after the original): torch.compile re-reads a function's globals through
+    the module its `__name__` names, so that module must be the copy, not diffusers' own."""
+    name = f"{__name__}.rebound.{g.get('__name__', 'module')}.{'.'.join(sorted(rebind))}"
+    mod = sys.modules.get(name)
+    if mod is None:
+        mod = types.ModuleType(name)
+        mod.__dict__.update({k: v for k, v in g.items() if k not in ("__name__", "__spec__", "__loader__")})
+        mod.__dict__.update(rebind)
+        sys.modules[name] = mod
+    return mod.__dict__
 
 
 def _attention_match(m) -> dict:
