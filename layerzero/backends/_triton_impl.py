@@ -32,7 +32,7 @@ def _rms_norm_kernel(X, R, W, Y, S, d1, d2, xs0, xs1, xs2, xsc, rs0, rs1, rs2, r
     x = tl.load(X + i0 * xs0 + i1 * xs1 + i2 * xs2 + cols * xsc, mask=m, other=0.0).to(tl.float32)
     if HAS_R:
         r = tl.load(R + i0 * rs0 + i1 * rs1 + i2 * rs2 + cols * rsc, mask=m, other=0.0).to(tl.float32)
-        s = (x + r).to(S.dtype.element_ty, fp_downcast_rounding="rtne")  # as torch rounds x + r
+        s = (x + r).to(S.dtype.element_ty)           # rounded once, as torch rounds x + r
         tl.store(S + row * N + cols, s, mask=m)
         x = s.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
