@@ -294,3 +294,13 @@ def test_patched_model_compiles_fullgraph():
     finally:
         torch._dynamo.reset()
         lz.unpatch(model)
+
+
+def test_backend_registered_when_diffusers_is_imported_first():
+    import subprocess
+    import sys
+
+    code = ("from diffusers import FluxTransformer2DModel; import layerzero; "
+            "from diffusers.models.attention_dispatch import AttentionBackendName as N, _AttentionBackendRegistry as R; "
+            "assert N('layerzero') in R._backends, R._backends")
+    subprocess.run([sys.executable, "-c", code], check=True)
