@@ -88,11 +88,15 @@ def test_attention_through_standin(calls, kernel, kw, shape, dtype):
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
-def test_fa4_gets_none_for_unbounded_and_split_heuristic_for_decode(calls):
+def test_fa4_gets_none_for_unbounded_and_split_kv_only_on_sm100(calls, monkeypatch):
     q, k, v = qkv(sq=1, sk=12)
     with lz.use("flash_attn.fa4"):
         lz.attention(q, k, v, window=(4, -1), causal_align="bottom_right")
-    assert calls[-1]["window_size"] == (4, None) and calls[-1]["num_splits"] == 0
+    assert calls[-1]["window_size"] == (4, None)
+    assert calls[-1]["num_splits"] == 1            # FA4 asserts "SplitKV not supported on SM 9.0"
+    monkeypatch.setattr(fa, "device_sm", lambda device: 100)
+    fa.fa4(q, k, v, None, False, None, 0.0, None, None, None, None, "bhsd", "top_left")
+    assert calls[-1]["num_splits"] == 0            # Blackwell: FA4's split-KV heuristic for decode
 
 
 def test_fa2_alibi_is_fp32(calls):

@@ -72,6 +72,11 @@ SCRIPT = textwrap.dedent("""
                     rule(qo, qr, qb, f"rope q {layout} {inter} {dt}")
                     rule(ko, kr, kb, f"rope k {layout} {inter} {dt}")
                     n += 1
+    # the custom ops trace under torch.compile (fake implementations), then run the kernels
+    x = torch.randn(4, 64, generator=g)
+    f = torch.compile(lambda x: torch.ops.layerzero.triton_rms_norm(x, None, 1e-6, None, 0.0)[0] * 2,
+                      fullgraph=True, backend="eager")
+    torch.testing.assert_close(f(x), reference.rms_norm(x, None, 1e-6) * 2)
     print("OK", n)
 """)
 

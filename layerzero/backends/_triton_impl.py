@@ -23,7 +23,7 @@ def _warps(block: int) -> int:
 @triton.jit
 def _rms_norm_kernel(X, R, W, Y, S, d1, d2, xs0, xs1, xs2, xsc, rs0, rs1, rs2, rsc, ws, N,
                      eps, offset, HAS_R: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)             # offsets past 2**31 elements
     i2 = row % d2
     i1 = (row // d2) % d1
     i0 = row // (d2 * d1)
@@ -90,8 +90,8 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, HQ, S, D, HALF,
                  cs0, cs1, cs2, ss0, ss1, ss2,
                  INTERLEAVED: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_H: tl.constexpr,
                  BLOCK_T: tl.constexpr):
-    bs = tl.program_id(0)
-    h = tl.program_id(1)
+    bs = tl.program_id(0).to(tl.int64)                   # offsets past 2**31 elements
+    h = tl.program_id(1).to(tl.int64)
     b = bs // S
     s = bs % S
     j = tl.arange(0, BLOCK_H)

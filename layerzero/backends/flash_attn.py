@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from .. import probe
+from ..call import device_sm
 from ..registry import register
 from . import priorities
 from ._gpu import HALF, cuda_reasons
@@ -136,7 +137,9 @@ def fa3(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_
 def fa4(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_slopes, sinks,
         layout, causal_align):
     s = q.shape[2] if layout == "bhsd" else q.shape[1]
-    splits = 0 if s <= priorities.DECODE_MAX_Q else 1   # 0: FA4's split-KV heuristic (decode)
+    # 0 = FA4's split-KV heuristic, for decode; FA4 has split-KV on sm100+ only ("SplitKV not
+    # supported on SM 9.0"), so sm90 keeps 1.
+    splits = 0 if s <= priorities.DECODE_MAX_Q and device_sm(q.device) >= 100 else 1
     return _run(fa4_op, q, k, v, scale, is_causal, window, causal_align, layout,
                 float(softcap or 0.0), None if sinks is None else sinks.float(), splits)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from typing import Optional
 
 import torch
 
@@ -87,11 +88,6 @@ def _pages(b, sk, device):
     return ar, ar[:-1].contiguous(), torch.full((b,), sk, dtype=torch.int32, device=device)
 
 
-def _kv(k, v, layout):
-    """K/V as FlashInfer pages and the layout name: (B, Sk, H, D) "NHD" or (B, H, Sk, D) "HND"."""
-    return k.contiguous(), v.contiguous(), "NHD" if layout == "bshd" else "HND"
-
-
 def _dims(q, k, v, layout):
     if layout == "bhsd":
         (b, hq, sq, d), (hk, sk), dv = q.shape, k.shape[1:3], v.shape[-1]
@@ -113,23 +109,41 @@ def _custom_mask(q, b, sq, sk, attn_mask, is_causal, window, causal_align):
     return m.expand(b, sq, sk)
 
 
-def prefill(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_slopes, sinks,
-            layout, causal_align):
+@torch.library.custom_op("layerzero::flashinfer_attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                 causal: bool, window_left: int, scale: Optional[float], softcap: Optional[float],
+                 kv_layout: str, decode: bool) -> torch.Tensor:
+    """FlashInfer on q (B, Sq, Hq, D) and K/V pages: (B, Sk, Hk, D) "NHD" or (B, Hk, Sk, D)
+    "HND"; `mask` (B, Sq, Sk) bool or None; causal/window_left bottom-right. -> (B, Sq, Hq, Dv).
+    A custom op, so torch.compile sees one opaque call (plans aren't traceable)."""
     import flashinfer
 
-    b, hq, hk, sq, sk, d, dv = _dims(q, k, v, layout)
-    mask = None
-    if attn_mask is not None:
-        mask = _custom_mask(q, b, sq, sk, attn_mask, is_causal, window, causal_align)
-        causal, left = False, -1
-    else:
-        causal, left = fi_mask(sq, sk, is_causal, window, causal_align)
-    qt = (q.transpose(1, 2) if layout == "bhsd" else q).reshape(b * sq, hq, d)   # (B*Sq, Hq, D)
-    kc, vc, kv_layout = _kv(k, v, layout)
-    opts = dict(sm_scale=scale, window_left=left, logits_soft_cap=softcap)
+    b, sq, hq, d = q.shape
+    hk, sk = (k.shape[2], k.shape[1]) if kv_layout == "NHD" else (k.shape[1], k.shape[2])
+    dv = v.shape[-1]
+    kc, vc = k.contiguous(), v.contiguous()
+    opts = dict(sm_scale=scale, window_left=window_left, logits_soft_cap=softcap)
+    tc = hq // hk >= 4                              # GQA groups >= 4: tensor-core decode
+    if decode:
+        qt = q[:, 0].contiguous()                                                 # (B, Hq, D)
+        if b == 1:
+            out = flashinfer.single_decode_with_kv_cache(qt[0], kc[0], vc[0], kv_layout=kv_layout,
+                                                         use_tensor_cores=tc, **opts)[None]
+        else:
+            def make():
+                w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(q.device), kv_layout,
+                                                                  use_tensor_cores=tc)
+                indptr, indices, last = _pages(b, sk, q.device)
+                w.plan(indptr, indices, last, hq, hk, d, sk, pos_encoding_mode="NONE",
+                       q_data_type=q.dtype, kv_data_type=k.dtype, **opts)
+                return w
+            key = ("decode", q.device, b, sk, hq, hk, d, q.dtype, window_left, softcap, scale, kv_layout)
+            out = _cached(key, make).run(qt, (kc, vc))
+        return out.view(b, 1, hq, dv)
+    qt = q.reshape(b * sq, hq, d).contiguous()                                    # (B*Sq, Hq, D)
     if b == 1:
         out = flashinfer.single_prefill_with_kv_cache(
-            qt.contiguous(), kc[0], vc[0], custom_mask=None if mask is None else mask[0].contiguous(),
+            qt, kc[0], vc[0], custom_mask=None if mask is None else mask[0].contiguous(),
             causal=causal, kv_layout=kv_layout, **opts)
     else:
         def make():
@@ -140,11 +154,33 @@ def prefill(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, al
                    custom_mask=None if mask is None else mask.reshape(-1), causal=causal,
                    q_data_type=q.dtype, kv_data_type=k.dtype, **opts)
             return w
-        key = ("prefill", q.device, b, sq, sk, hq, hk, d, dv, q.dtype, causal, left, softcap,
+        key = ("prefill", q.device, b, sq, sk, hq, hk, d, dv, q.dtype, causal, window_left, softcap,
                scale, kv_layout)
-        w = make() if mask is not None else _cached(key, make)
-        out = w.run(qt.contiguous(), (kc, vc))
-    out = out.view(b, sq, hq, dv)                                                 # (B, Sq, Hq, Dv)
+        w = make() if mask is not None else _cached(key, make)     # a mask is planned each call
+        out = w.run(qt, (kc, vc))
+    return out.view(b, sq, hq, dv)
+
+
+@attention_op.register_fake
+def _(q, k, v, mask, causal, window_left, scale, softcap, kv_layout, decode):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+def _bshd_q(q, layout):
+    return q.transpose(1, 2) if layout == "bhsd" else q                           # (B, Sq, Hq, D)
+
+
+def prefill(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_slopes, sinks,
+            layout, causal_align):
+    b, hq, hk, sq, sk, d, dv = _dims(q, k, v, layout)
+    mask = None
+    if attn_mask is not None:
+        mask = _custom_mask(q, b, sq, sk, attn_mask, is_causal, window, causal_align)
+        causal, left = False, -1
+    else:
+        causal, left = fi_mask(sq, sk, is_causal, window, causal_align)
+    out = attention_op(_bshd_q(q, layout), k, v, mask, causal, left, scale, softcap,
+                       "NHD" if layout == "bshd" else "HND", False)              # (B, Sq, Hq, Dv)
     if mask is not None:
         out = out.masked_fill(~mask.any(-1)[:, :, None, None], 0.0)  # rows with no key: zeros
     return out.transpose(1, 2) if layout == "bhsd" else out
@@ -152,27 +188,9 @@ def prefill(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, al
 
 def decode(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_slopes, sinks,
            layout, causal_align):
-    import flashinfer
-
-    b, hq, hk, sq, sk, d, dv = _dims(q, k, v, layout)
     left = window[0] if window is not None else -1
-    qt = (q[:, :, 0] if layout == "bhsd" else q[:, 0]).contiguous()               # (B, Hq, D)
-    kc, vc, kv_layout = _kv(k, v, layout)
-    opts = dict(sm_scale=scale, window_left=left, logits_soft_cap=softcap)
-    if b == 1:
-        out = flashinfer.single_decode_with_kv_cache(qt[0], kc[0], vc[0], kv_layout=kv_layout,
-                                                     use_tensor_cores=hq // hk >= 4, **opts)[None]
-    else:
-        def make():
-            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace(q.device), kv_layout,
-                                                              use_tensor_cores=hq // hk >= 4)
-            indptr, indices, last = _pages(b, sk, q.device)
-            w.plan(indptr, indices, last, hq, hk, d, sk, pos_encoding_mode="NONE",
-                   q_data_type=q.dtype, kv_data_type=k.dtype, **opts)
-            return w
-        key = ("decode", q.device, b, sk, hq, hk, d, q.dtype, left, softcap, scale, kv_layout)
-        out = _cached(key, make).run(qt, (kc, vc))
-    out = out.view(b, 1, hq, dv)                                                  # (B, 1, Hq, Dv)
+    out = attention_op(_bshd_q(q, layout), k, v, None, False, left, scale, softcap,
+                       "NHD" if layout == "bshd" else "HND", True)               # (B, 1, Hq, Dv)
     return out.transpose(1, 2) if layout == "bhsd" else out
 
 

@@ -1,12 +1,18 @@
 """LayerZero's own Triton kernels: `triton.rms_norm` (residual add fused) and `triton.rope`
 (q and k in one launch). The kernels live in `_triton_impl` (imported on first use: it imports
-triton); they take any strides, so transposed or sliced inputs need no copy.
+triton); they take any strides, so transposed or sliced inputs need no copy. Both are
+`torch.library` custom ops (`layerzero::triton_rms_norm`, `layerzero::triton_rope`) with fake
+implementations, so torch.compile traces them as one call each.
 
 They run on CUDA, and on the CPU under TRITON_INTERPRET=1 (how the CPU tests check them; the
 interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even, so CPU checks use fp32
 and fp16).
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
 
 from .. import probe
 from ..registry import register
@@ -16,14 +22,40 @@ from ._gpu import triton_reasons
 _IMPL = "layerzero.backends._triton_impl"
 
 
-def rms_norm(x, weight, eps, residual, offset):
+@torch.library.custom_op("layerzero::triton_rms_norm", mutates_args=())
+def rms_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
+                residual: Optional[torch.Tensor], offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, x + residual); the second is an empty tensor without a residual. A custom op, so
+    torch.compile sees one call."""
     from ._triton_impl import rms_norm as run
-    return run(x, weight, eps, residual, offset)
+    out = run(x, weight, eps, residual, offset)
+    return out if residual is not None else (out, x.new_empty(0))
+
+
+@rms_norm_op.register_fake
+def _(x, weight, eps, residual, offset):
+    return x.new_empty(x.shape), x.new_empty(x.shape if residual is not None else (0,))
+
+
+@torch.library.custom_op("layerzero::triton_rope", mutates_args=())
+def rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str,
+            interleaved: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    from ._triton_impl import rope as run
+    return run(q, k, cos, sin, layout, interleaved)
+
+
+@rope_op.register_fake
+def _(q, k, cos, sin, layout, interleaved):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def rms_norm(x, weight, eps, residual, offset):
+    y, s = rms_norm_op(x, weight, float(eps), residual, float(offset))
+    return (y, s) if residual is not None else y
 
 
 def rope(q, k, cos, sin, layout, interleaved):
-    from ._triton_impl import rope as run
-    return run(q, k, cos, sin, layout, interleaved)
+    return rope_op(q, k, cos, sin, layout, interleaved)
 
 
 def supports_rms(spec) -> list[str]:
