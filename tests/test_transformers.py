@@ -183,21 +183,27 @@ def test_sampling_generate_runs():
     lz.unpatch(model)
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_flash_attention_rule(family):
-    """bf16 patched vs fp32 unpatched: error within 2x that of HF's own bf16 run plus a floor."""
-    model, *_ = _build(family)
+    """bf16, routes (a) and (b), vs the fp32 unpatched model: error within 2x that of transformers'
+    own bf16 run plus a rounding floor."""
+    model, cfg, cls, _ = _build(family)
     kw = _inputs(family)
     ref = _out(model, kw).double()
+    a = cls._from_config(copy.deepcopy(cfg), attn_implementation="layerzero").eval()
+    a.load_state_dict(model.state_dict())
     model.to(torch.bfloat16)
+    a.to(torch.bfloat16)
     hf_bf16 = _out(model, kw).double()
     lz.patch(model)
-    lz.reset_metrics()
-    lz_bf16 = _out(model, kw).double()
-    assert _attention_kernels()
     v = _valid(family, kw)
-    err, base = (lz_bf16 - ref)[v].abs().max().item(), (hf_bf16 - ref)[v].abs().max().item()
-    assert err <= 2 * base + FLOOR[torch.bfloat16] * max(ref.abs().max().item(), 1.0), (err, base)
+    floor = FLOOR[torch.bfloat16] * max(ref.abs().max().item(), 1.0)
+    base = (hf_bf16 - ref)[v].abs().max().item()
+    for route, m in (("attn_implementation", a), ("patch", model)):
+        lz.reset_metrics()
+        err = (_out(m, kw).double() - ref)[v].abs().max().item()
+        assert _attention_kernels(), route
+        assert err <= 2 * base + floor, (route, err, base)
     lz.unpatch(model)
 
 
@@ -213,7 +219,7 @@ def test_compile_fullgraph_matches_eager():
         eager = model(ids).logits
         torch._dynamo.reset()
         lz.reset_metrics()
-        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(model, fullgraph=True)  # inductor: ~20 s on a 2-core CPU
         out = compiled(ids).logits
         again = compiled(ids).logits
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
@@ -405,7 +411,8 @@ import transformers as T
 cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                     vocab_size=64)
 m = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="layerzero")
-m(T.__dict__ and __import__("torch").randint(0, 64, (1, 4)))
+import torch
+m(torch.randint(0, 64, (1, 4)))
 import layerzero as lz
 assert lz.metrics()["calls"]["attention"], lz.metrics()
 print("ok")
