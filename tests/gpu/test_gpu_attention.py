@@ -26,6 +26,8 @@ import torch
 import layerzero as lz
 from layerzero import reference, registry
 
+pytestmark = pytest.mark.gpu
+
 DTYPES = [torch.float16, torch.bfloat16]
 HEAD_DIMS = [64, 128, 256, 80]
 SHAPES = {"mha": (2, 8, 8, 256, 256), "gqa": (2, 8, 2, 200, 200), "sq<sk": (2, 8, 2, 64, 320),
@@ -48,10 +50,10 @@ def grid_cases(kernel: str) -> list[tuple]:
         feats = ["plain", "causal_br", "window_causal", "softcap", "bool_mask", "empty_rows", "bshd_packed"]
         cases = [(f, torch.bfloat16, 128, s) for s in shapes for f in feats]
         return cases + [("causal_br", torch.float16, 64, shapes[0])]
-    if kernel in COMPILING:
+    if kernel in COMPILING:          # flex: every feature once; FA4: 7 more (dtype x head_dim)
         names = list(SHAPES)
-        return [(f, DTYPES[j % 2], HEAD_DIMS[j % 4], names[j % 5])
-                for j, f in enumerate(FEATURES + FEATURES[:7])]
+        feats = FEATURES if kernel == "torch.flex" else FEATURES + FEATURES[:7]
+        return [(f, DTYPES[j % 2], HEAD_DIMS[j % 4], names[j % 5]) for j, f in enumerate(feats)]
     if mode == "quick":
         return [c for c in full if c[2] == 128]
     return full

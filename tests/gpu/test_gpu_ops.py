@@ -10,6 +10,8 @@ import torch.nn.functional as F
 import layerzero as lz
 from layerzero import reference, registry
 
+pytestmark = pytest.mark.gpu
+
 FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
