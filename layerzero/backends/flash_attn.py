@@ -200,7 +200,7 @@ def supports_fa4(spec) -> list[str]:
 _TINY = """
 q = torch.randn(1, 16, 2, 64, device=dev, dtype=torch.float16) if dev else None
 """
-probe.define(_FA2, "from flash_attn import flash_attn_func\n" + _TINY +
+probe.define(_FA2, "from flash_attn.flash_attn_interface import flash_attn_func\n" + _TINY +
              "if dev and sm >= 80:\n    flash_attn_func(q, q, q, causal=True)", ("flash-attn",))
 probe.define(_FA3, "from flash_attn_interface import flash_attn_func\n" + _TINY +
              "if dev and 90 <= sm < 100:\n    flash_attn_func(q, q, q, causal=True)", ("flash-attn-3", "flash_attn_3"))
