@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU host: LayerZero's GPU tests and attention benchmark, results under $OUT.
 #
+#   bash scripts/gpu_check.sh doctor       lz.doctor() only (runs and caches each backend's probe)
 #   bash scripts/gpu_check.sh tests        doctor + pytest -m gpu tests/gpu, FlashInfer's attention grid left out
 #   bash scripts/gpu_check.sh flashinfer   FlashInfer's attention grid (nvcc JIT: ~30 s per kernel variant)
 #   bash scripts/gpu_check.sh bench        benchmarks/attention.py
@@ -36,10 +37,12 @@ pytest_gpu() {  # log report -k-expression
   grep -E "^[a-z_.0-9]+: [0-9]+/[0-9]+ passed|FAILED|ERROR|passed|failed|skipped" "$OUT/$1" | tail -40
 }
 
-if [[ $what == all || $what == tests ]]; then
+if [[ $what == all || $what == tests || $what == doctor ]]; then
   echo "== doctor (runs each backend's subprocess probe once; FlashInfer's JIT-compiles rmsnorm)"
   timeout 240 $PY -m layerzero doctor > "$OUT/doctor.txt" 2>&1 || status=1
-  cat "$OUT/doctor.txt" | head -60
+  head -60 "$OUT/doctor.txt"
+fi
+if [[ $what == all || $what == tests ]]; then
   echo "== pytest -m gpu tests/gpu (without FlashInfer's attention grid)"
   pytest_gpu gpu-tests.txt grid.json "not (grid and flashinfer)"
 fi
