@@ -116,7 +116,7 @@ def flashinfer_module(calls: list) -> types.ModuleType:
                                      sm_scale=None, window_left=-1, logits_soft_cap=None, **kw):
         calls.append(dict(api="single_prefill", q=q, k=k, custom_mask=custom_mask, causal=causal,
                           kv_layout=kv_layout, window_left=window_left, sm_scale=sm_scale,
-                          logits_soft_cap=logits_soft_cap))
+                          logits_soft_cap=logits_soft_cap, backend=kw.get("backend", "auto")))
         assert q.is_contiguous() and q.dim() == 3
         return _fi_attend(q, _nhd(k, kv_layout), _nhd(v, kv_layout), causal=causal, window_left=window_left,
                           mask=custom_mask, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap)
@@ -131,6 +131,7 @@ def flashinfer_module(calls: list) -> types.ModuleType:
     class BatchPrefillWithPagedKVCacheWrapper:
         def __init__(self, workspace, kv_layout="NHD", **kw):
             self.kv_layout = kv_layout
+            calls.append(dict(api="prefill.init", kv_layout=kv_layout, backend=kw.get("backend", "auto")))
 
         def plan(self, qo_indptr, indptr, indices, last_page_len, num_qo_heads, num_kv_heads,
                  head_dim_qk, page_size, head_dim_vo=None, custom_mask=None, causal=False,

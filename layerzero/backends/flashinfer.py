@@ -141,13 +141,17 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Option
             out = _cached(key, make).run(qt, (kc, vc))
         return out.view(b, 1, hq, dv)
     qt = q.reshape(b * sq, hq, d).contiguous()                                    # (B*Sq, Hq, D)
+    # flashinfer 0.7.2's fa3 prefill (its default on sm90) dies with SIGFPE on an "HND" K/V
+    # (measured on the H100: single prefill, GQA and MHA; "NHD" and fa2 with "HND" are fine).
+    backend = "fa2" if kv_layout == "HND" else "auto"
     if b == 1:
         out = flashinfer.single_prefill_with_kv_cache(
             qt, kc[0], vc[0], custom_mask=None if mask is None else mask[0].contiguous(),
-            causal=causal, kv_layout=kv_layout, **opts)
+            causal=causal, kv_layout=kv_layout, backend=backend, **opts)
     else:
         def make():
-            w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(q.device), kv_layout)
+            w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(q.device), kv_layout,
+                                                               backend=backend)
             indptr, indices, last = _pages(b, sk, q.device)
             qo_indptr = torch.arange(b + 1, dtype=torch.int32, device=q.device) * sq
             w.plan(qo_indptr, indptr, indices, last, hq, hk, d, sk, head_dim_vo=dv,
