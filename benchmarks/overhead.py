@@ -27,8 +27,8 @@ def per_call_us(fn, n: int) -> float:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calls", type=int, default=20000, help="calls per round")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calls", type=int, default=5000, help="calls per round")
+    ap.add_argument("--rounds", type=int, default=31)
     ap.add_argument("--json", default="benchmarks/overhead.json", help="where to write results")
     args = ap.parse_args(argv)
 

@@ -130,6 +130,8 @@ def _call_slow(key, args, describe, e):
     hit = e is not None
     if e is None:
         e = entry_for(key, args, describe)
+    else:  # a breaker is open somewhere: validate what the raw key leaves out, then walk the chain
+        describe(*args)
     return _run_chain(e.spec, e.decision, args, hit)
 
 
