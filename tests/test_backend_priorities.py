@@ -52,6 +52,20 @@ def test_h100_defaults_pick_the_measured_winner(monkeypatch, spec, winner):
     assert d.chosen == winner, str(d)
 
 
+def test_measured_h100_rules(monkeypatch):
+    """From benchmarks/attention.py on the H100: FA4 loses below ~1.2e11 FLOP (launch cost), and
+    FlashInfer's per-call custom-mask plan loses to flex / SDPA on padding masks."""
+    pretend_available(monkeypatch)
+    kernels = registry.op_kernels("attention")
+    small = attn(b=1, hq=32, hk=8, causal=True)                     # 1x2k GQA causal
+    assert priorities.call_kind(small) == "small"
+    assert select(small, kernels, Policy()).chosen == "torch.sdpa"
+    assert select(attn(b=4, causal=True), kernels, Policy()).chosen == "flash_attn.fa4"
+    d = select(attn(b=8, sq=1024, sk=1024, mask="bool"), kernels, Policy())
+    scores = {c.kernel: c.score for c in d.candidates if c.score is not None}
+    assert scores["flashinfer.prefill"] < scores["torch.flex"]
+
+
 def test_feature_calls_prefer_flex_over_sdpa_with_a_materialised_mask(monkeypatch):
     pretend_available(monkeypatch)
     spec = attn(mask="bool")

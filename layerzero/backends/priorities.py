@@ -20,8 +20,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+# FlashInfer's custom-mask prefill (planned per call) measured 5-8x slower than flex and SDPA
+# with the same padding mask on the H100 (2.13 vs 0.43 ms at 8x1k; 4.04 vs 0.51 ms at 4x2k causal).
+MASKED_FLASHINFER = 10
 DECODE_MAX_Q = 16          # Sq at or below this is a decode / speculative-verify step
-SMALL_FLOPS = 3e10         # below this a launch's host overhead rivals FA4's kernel-time gain
+# Below this a launch's host overhead rivals FA4's kernel-time gain. H100 run of
+# benchmarks/attention.py (RESULTS.md): FA4 lost at 1x2k GQA causal (3.4e10 FLOP, 0.216 vs SDPA
+# 0.083 ms) and 64x512 GQA causal (1.1e11), won at 4x2k MHA causal (1.4e11, 0.260 vs 0.307).
+SMALL_FLOPS = 1.2e11
 
 # generation -> call kind -> kernel id -> priority (kernels not listed keep their default)
 _PREFILL_HOPPER = {"flash_attn.fa4": 70, "flash_attn.fa3": 66, "torch.sdpa": 52,
@@ -88,6 +94,8 @@ def attention(kernel_id: str, default: int) -> Callable:
     def priority(spec) -> int:
         if spec.device != "cuda":
             return default
+        if kernel_id == "flashinfer.prefill" and spec.mask != "none":
+            return MASKED_FLASHINFER
         table = TABLES[generation(spec.sm)][call_kind(spec)]
         return table.get(kernel_id, default)
     priority.__qualname__ = f"attention_priority[{kernel_id}]"
