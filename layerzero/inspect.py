@@ -18,9 +18,12 @@ def explain(op, *args, **kwargs):
     """The decision `lz.<op>(*args, **kwargs)` would make: `.chosen`, `.candidates` (every kernel
     of the op with `.kernel`, `.status`, `.reasons`, `.score`), `.spec`; `str()` is a table.
     `lz.explain(model)` instead lists each patched module's op and the kernels run so far."""
-    if not isinstance(op, str) and hasattr(op, "named_modules") and not args and not kwargs:
-        from .patch import explain_model  # lz.explain(model): per patched module, op and kernels
-        return explain_model(op)
+    if not isinstance(op, str) and not args and not kwargs:
+        from .patch import explain_model, explain_pipeline  # per patched module: op, kernels
+        if hasattr(op, "named_modules"):
+            return explain_model(op)
+        if isinstance(getattr(op, "components", None), dict):
+            return explain_pipeline(op)
     if not isinstance(op, str):
         raise TypeError(f"explain(op, *args, **kwargs) takes an op name ({', '.join(registry.OPS)}); "
                         f"got {type(op).__name__}")

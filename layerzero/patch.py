@@ -629,6 +629,15 @@ def explain_model(model) -> ModelExplanation:
     return ModelExplanation(type(model).__name__, rows)
 
 
+def explain_pipeline(pipe) -> ModelExplanation:
+    """`lz.explain(pipe)` for a diffusers pipeline: each model component's rows, prefixed."""
+    rows = []
+    for name, comp in pipe.components.items():
+        if hasattr(comp, "named_modules"):
+            rows += [{**row, "module": f"{name}.{row['module']}"} for row in explain_model(comp).rows]
+    return ModelExplanation(type(pipe).__name__, rows)
+
+
 # ---- lz.auto_patch ------------------------------------------------------------------------------
 
 _auto = {"on": False, "options": {}}

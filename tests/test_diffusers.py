@@ -304,3 +304,19 @@ def test_backend_registered_when_diffusers_is_imported_first():
             "from diffusers.models.attention_dispatch import AttentionBackendName as N, _AttentionBackendRegistry as R; "
             "assert N('layerzero') in R._backends, R._backends")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_explain_pipeline_lists_each_component():
+    pipe = tiny_pipeline()
+    lz.patch(pipe)
+    try:
+        run_pipe(pipe)
+        e = lz.explain(pipe)
+        modules = {r["module"] for r in e.rows}
+        assert "unet.mid_block.attentions.0.transformer_blocks.0.attn2" in modules
+        assert any(m.startswith("text_encoder.") for m in modules)
+        ran = {k["kernel"] for r in e.rows for k in r["kernels"]}
+        assert ran & {"torch.sdpa", "torch.sdpa_flash", "reference.attention"}
+        assert "StableDiffusionPipeline" in str(e)
+    finally:
+        lz.unpatch(pipe)
