@@ -42,12 +42,17 @@ class CallSpec(NamedTuple):
         return d
 
 
-def sdpa_expressible(spec: CallSpec) -> bool:
-    """An attention call F.scaled_dot_product_attention takes as it is: (B, H, S, D) layout, no
-    window/softcap/ALiBi/sinks, and causal alignment that doesn't matter or is top-left."""
-    return (spec.layout == "bhsd" and spec.mask == "none" and spec.window is None
-            and not (spec.softcap or spec.alibi or spec.sinks)
+def sdpa_native(spec: CallSpec) -> bool:
+    """The attention call needs nothing SDPA lacks an argument for: no mask, window, softcap,
+    ALiBi or sinks, and a causal alignment that doesn't matter or is top-left (any layout)."""
+    return (spec.mask == "none" and spec.window is None and not (spec.softcap or spec.alibi or spec.sinks)
             and (not spec.causal or spec.causal_align == "top_left" or spec.seq_len_q == spec.seq_len_k))
+
+
+def sdpa_expressible(spec: CallSpec) -> bool:
+    """An attention call F.scaled_dot_product_attention takes as it is: SDPA-native and already
+    in its (B, H, S, D) layout."""
+    return spec.layout == "bhsd" and sdpa_native(spec)
 
 
 @lru_cache(maxsize=64)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..call import sdpa_native
+
 # FlashInfer's custom-mask prefill (planned per call) measured 5-8x slower than flex and SDPA
 # with the same padding mask on the H100 (2.13 vs 0.43 ms at 8x1k; 4.04 vs 0.51 ms at 4x2k causal).
 MASKED_FLASHINFER = 10
@@ -66,12 +68,6 @@ def generation(sm: int) -> str:
     return "other"
 
 
-def native_sdpa(spec) -> bool:
-    """The call needs nothing SDPA lacks an argument for (layout is free: a transpose)."""
-    return (spec.mask == "none" and spec.window is None and not (spec.softcap or spec.alibi or spec.sinks)
-            and (not spec.causal or spec.causal_align == "top_left" or spec.seq_len_q == spec.seq_len_k))
-
-
 def attention_flops(spec) -> float:
     f = 4.0 * spec.batch * spec.num_heads * spec.seq_len_q * spec.seq_len_k * spec.head_dim
     return f / 2 if spec.causal else f
@@ -79,7 +75,7 @@ def attention_flops(spec) -> float:
 
 def call_kind(spec) -> str:
     """"feature", "decode", "small" or "prefill" (checked in that order)."""
-    if not native_sdpa(spec):
+    if not sdpa_native(spec):
         return "feature"
     if spec.seq_len_q <= DECODE_MAX_Q:
         return "decode"

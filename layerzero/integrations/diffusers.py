@@ -549,8 +549,3 @@ def patch_diffusers(obj, *, attention: bool = True, norm: bool = True, rope: boo
     if is_pipeline(obj):
         return patch_pipeline(obj, attention=attention, norm=norm, rope=rope, mlp=mlp)
     return lz_patch(obj, attention=attention, norm=norm, rope=rope, mlp=mlp)
-
-
-def unpatch_diffusers(obj) -> None:
-    """`lz.unpatch` for a diffusers pipeline or model."""
-    lz_unpatch(obj)
