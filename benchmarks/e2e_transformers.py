@@ -4,24 +4,41 @@ Two shapes, bf16, random weights, batch 1, on CUDA:
   1b   hidden 2048, 16 layers, 32 q / 8 kv heads, intermediate 8192, vocab 128256, 2048 tokens
   8b8  Llama-3-8B (hidden 4096, 32 / 8 heads, intermediate 14336, vocab 128256) cut to 8 layers,
        8192 tokens
-Variants, timed in one run on the same model (switched in place, in this order):
+Variants (all but the last switched in place on one model):
   eager, sdpa, flex_attention       model.set_attn_implementation(name)
   layerzero-attn                    attn_implementation="layerzero": attention only
   layerzero                         lz.patch(model): attention, RMSNorm, RoPE, SwiGLU
-  sdpa+liger                        sdpa + liger_kernel's apply_liger_kernel_to_llama (when
-                                    importable; last, since Liger can't be undone)
+  sdpa+liger                        sdpa + liger_kernel's apply_liger_kernel_to_llama(model=...) on a
+                                    second model with the same weights (Liger can't be undone)
+Liger also replaces module-level names of transformers' modeling_llama (apply_rotary_pos_emb,
+LlamaRMSNorm, LlamaMLP); the module's globals are saved before and right after Liger is applied,
+and each switch puts back the right set (transformers' own for every other variant, Liger's for
+sdpa+liger), then checks it, so the other variants never run Liger's RoPE.
+
 A prefill is one forward over the prompt with a cache and the last position's logits (what
-generate() runs first). Each variant: warm-up, then the median (and min) of --iters forwards (CUDA
-events, torch.inference_mode). Prints each time, LayerZero's ratio to the best other variant (goals: 1b
-<= 0.8, 8b8 <= 0.95), the max difference of each variant's logits from sdpa's, the kernels
-LayerZero ran, and writes JSON (--json PATH).
---tiny: a tiny fp32 model on CPU (a smoke run for tests; no timing claims).
+generate() runs first). A first pass per variant checks it can run, keeps its logits and the
+kernels LayerZero ran, and warms it up (--warmup forwards, on CUDA at least 0.5 s). Then --rounds
+rounds interleave the variants (in order, reversed every other round): each switches to the
+variant, re-warms it (--rewarm forwards) and times --iters forwards (CUDA events,
+torch.inference_mode), so GPU clock and thermal drift hit all variants alike. A variant's time is
+the median (and min) over the samples of all its rounds; the JSON also has each round's median.
+Afterwards sdpa and layerzero run once more on the first model (after Liger was applied to the
+second one and its globals were swapped in and out): their logits and LayerZero's kernels should be
+the first pass's (printed and in the JSON; a warning if not, an error with --tiny).
+Prints each time, LayerZero's ratio to the best other variant (goals: 1b <= 0.8, 8b8 <= 0.95), the
+max difference of each variant's logits from sdpa's, the kernels LayerZero ran, and writes JSON
+(--json PATH).
+--tiny: a tiny fp32 model on CPU (a smoke run for tests; no timing claims); sdpa+liger is not run
+(Triton needs CUDA), but when liger_kernel is installed it is still applied to the second model,
+so the check above covers the globals swap; it also asserts that the layerzero variant ran
+LayerZero's attention, rms_norm, rope and swiglu.
 
     PYTHONPATH=$PWD python3 benchmarks/e2e_transformers.py --json $OUT/e2e_transformers.json
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import platform
@@ -60,16 +77,19 @@ def prefill(model, ids):
     return model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
 
 
-def timed(fn, iters: int, warmup: int, cuda: bool) -> tuple[float, float]:
-    """(median, min) milliseconds of fn() over `iters` runs, after `warmup` runs and at least half
-    a second of running (GPU clocks and allocator settle)."""
-    t_end = time.perf_counter() + (0.5 if cuda else 0.0)
-    n = 0
-    while n < warmup or time.perf_counter() < t_end:
+def warm(fn, n: int, min_s: float, cuda: bool) -> None:
+    """Run fn() `n` times and for at least `min_s` seconds (GPU clocks and allocator settle)."""
+    t_end = time.perf_counter() + min_s
+    i = 0
+    while i < n or time.perf_counter() < t_end:
         fn()
-        n += 1
+        i += 1
     if cuda:
         torch.cuda.synchronize()
+
+
+def time_ms(fn, iters: int, cuda: bool) -> list[float]:
+    """Milliseconds of each of `iters` runs of fn()."""
     times = []
     for _ in range(iters):
         if cuda:
@@ -83,11 +103,12 @@ def timed(fn, iters: int, warmup: int, cuda: bool) -> tuple[float, float]:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times)
+    return times
 
 
 def set_variant(model, name: str) -> str | None:
-    """Put the model in variant `name`; returns why it can't run, or None."""
+    """Put the model in variant `name`; returns why it can't run, or None. For "sdpa+liger" this
+    applies Liger to `model` for good (the benchmark itself applies it to a second model)."""
     lz.unpatch(model)
     if name == "layerzero":
         model.set_attn_implementation("sdpa")
@@ -99,15 +120,20 @@ def set_variant(model, name: str) -> str | None:
             return "liger_kernel is not installed"
         if next(model.parameters()).device.type != "cuda":
             return "Liger's Triton kernels need CUDA"
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-        model.set_attn_implementation("sdpa")
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=False, model=model)
-        # Liger also replaces classes/functions of modeling_llama itself; the caller restores them
-        # (see _restore_modeling) so models built later are plain transformers again
+        apply_liger(model)
     else:
         model.set_attn_implementation(name)
     return None
+
+
+def apply_liger(model) -> None:
+    """sdpa + Liger's RoPE, RMSNorm and SwiGLU on `model` (instance-level: forwards of its norms and
+    MLPs). Liger also replaces classes/functions of modeling_llama itself; the caller restores
+    them (see _restore_modeling) for the models that must stay plain transformers."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    model.set_attn_implementation("sdpa")
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)
 
 
 def _modeling():
@@ -116,56 +142,178 @@ def _modeling():
 
 
 def _restore_modeling(saved: dict) -> None:
-    """Undo module-level replacements (Liger swaps LlamaRMSNorm, LlamaMLP, apply_rotary_pos_emb)."""
+    """Set modeling_llama's globals to `saved` exactly (undoes Liger's module-level replacements of
+    LlamaRMSNorm, LlamaMLP, apply_rotary_pos_emb; or puts them back, given Liger's set)."""
     d = vars(_modeling())
     for k in [k for k in d if k not in saved]:
         del d[k]
     d.update(saved)
 
 
+def _check_modeling(expected: dict, lz_rope: bool = False) -> None:
+    """modeling_llama's globals are `expected` (lz_rope: but for lz.patch's RoPE wrapper around
+    expected's apply_rotary_pos_emb); raises RuntimeError otherwise."""
+    d = vars(_modeling())
+    missing = object()
+    bad = [k for k in set(d) | set(expected) if k != "apply_rotary_pos_emb"
+           and d.get(k, missing) is not expected.get(k, missing)]
+    rope, want = d.get("apply_rotary_pos_emb"), expected.get("apply_rotary_pos_emb")
+    if lz_rope:   # (another live patched model of the process may have wrapped `want` already)
+        rope, want = (getattr(f, "__wrapped_original__", f) for f in (rope, want))
+    if rope is not want:
+        bad.append("apply_rotary_pos_emb")
+    if bad:
+        raise RuntimeError(f"modeling_llama globals not those of this variant: {sorted(bad)[:8]}")
+
+
+def _kernels() -> dict:
+    return {op: sorted(k) for op, k in lz.metrics()["calls"].items()}
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
 def run_shape(label: str, shape: dict, args, device: str, dtype) -> dict:
     cuda = device == "cuda"
     saved = dict(vars(_modeling()))
     try:
-        return _run_shape(label, shape, args, device, dtype, cuda)
+        return _run_shape(label, shape, args, device, dtype, cuda, saved)
     finally:
         _restore_modeling(saved)
 
 
-def _run_shape(label: str, shape: dict, args, device: str, dtype, cuda: bool) -> dict:
+def _run_shape(label: str, shape: dict, args, device: str, dtype, cuda: bool, saved: dict) -> dict:
     model = build(shape, device, dtype)
     ids = torch.randint(0, shape["vocab_size"], (1, shape["tokens"]), device=device,
                         generator=torch.Generator(device).manual_seed(1))
-    res = {"shape": label, **{k: v for k, v in shape.items() if k != "goal"}, "variants": {}}
-    ref = None
+    res = {"shape": label, **{k: v for k, v in shape.items() if k != "goal"}, "rounds": args.rounds,
+           "variants": {}}
+    liger: dict = {}   # "model": the second model (Liger applied), "globals": modeling_llama's then
+
+    def enter(name: str):
+        """Switch to variant `name` (modeling_llama's globals included); returns the model to run."""
+        lz.unpatch(model)
+        if name == "sdpa+liger":
+            _restore_modeling(liger["globals"])
+            _check_modeling(liger["globals"])
+            return liger.get("model")
+        _restore_modeling(saved)           # before lz.patch, which wraps the RoPE it finds
+        set_variant(model, name)
+        _check_modeling(saved, lz_rope=name == "layerzero")
+        return model
+
+    def prepare_liger() -> str | None:
+        """Build the second model with the first one's weights and apply Liger to it; returns why
+        sdpa+liger can't run, or None."""
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger_kernel is not installed"
+        lz.unpatch(model)
+        _restore_modeling(saved)           # the second model is built from transformers' classes
+        second = build(shape, device, dtype)
+        second.load_state_dict(model.state_dict())
+        try:
+            apply_liger(second)
+            liger["globals"] = dict(vars(_modeling()))
+        finally:
+            _restore_modeling(saved)
+        liger["model"] = second
+        if not cuda:   # kept anyway: the recheck below then covers the swap of Liger's globals
+            return "Liger's Triton kernels need CUDA"
+        return None
+
+    def skip(name: str, why: str) -> None:
+        res["variants"][name] = {"skipped": why}
+        print(f"  {label:<4} {name:<15} skipped: {why}")
+
+    def fail(name: str, e: Exception) -> None:
+        res["variants"][name] = {"error": _error(e)}
+        if name == "sdpa+liger":
+            liger.pop("model", None)   # its memory; its globals stay for the recheck
+        print(f"  {label:<4} {name:<15} error: {res['variants'][name]['error']}")
+        if cuda:
+            torch.cuda.empty_cache()
+
+    # first pass: can it run? its logits, the kernels LayerZero ran, warm-up
+    outputs, first_kernels, samples = {}, {}, {}
     for name in args.variants:
         try:
-            why = set_variant(model, name)
-            if why:
-                res["variants"][name] = {"skipped": why}
-                print(f"  {label:<4} {name:<15} skipped: {why}")
-                continue
+            if name == "sdpa+liger":
+                why = prepare_liger()
+                if why:
+                    skip(name, why)
+                    continue
+            m = enter(name)
             lz.reset_metrics()
             with torch.inference_mode():
-                out = prefill(model, ids).float()
-                ms, ms_min = timed(lambda: prefill(model, ids), args.iters, args.warmup, cuda)
+                outputs[name] = prefill(m, ids).float()
+                if name.startswith("layerzero"):
+                    first_kernels[name] = _kernels()
+                warm(lambda: prefill(m, ids), args.warmup, 0.5 if cuda else 0.0, cuda)
         except Exception as e:  # one broken variant must not lose the others' numbers
-            res["variants"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-            print(f"  {label:<4} {name:<15} error: {res['variants'][name]['error']}")
-            if cuda:
-                torch.cuda.empty_cache()
+            fail(name, e)
             continue
-        if name == "sdpa":
-            ref = out
-        entry = {"ms": round(ms, 3), "min_ms": round(ms_min, 3)}
-        if ref is not None:
-            entry["max_diff_vs_sdpa"] = float((out - ref).abs().max())
-        if name.startswith("layerzero"):
-            entry["kernels"] = {op: sorted(k) for op, k in lz.metrics()["calls"].items()}
-        res["variants"][name] = entry
-        print(f"  {label:<4} {name:<15} {ms:9.2f} ms (min {ms_min:.2f})" + (f"   max|diff| vs sdpa {entry['max_diff_vs_sdpa']:.3g}"
-                                                        if "max_diff_vs_sdpa" in entry else ""))
+        samples[name] = []
+
+    # rounds: each visits every variant (order reversed every other round): switch, re-warm, time
+    order = [n for n in args.variants if n in samples]
+    for r in range(args.rounds):
+        for name in order if r % 2 == 0 else order[::-1]:
+            if name not in samples:
+                continue
+            try:
+                m = enter(name)
+                with torch.inference_mode():
+                    warm(lambda: prefill(m, ids), args.rewarm, 0.0, cuda)
+                    samples[name].append(time_ms(lambda: prefill(m, ids), args.iters, cuda))
+            except Exception as e:
+                del samples[name]
+                fail(name, e)
+
+    # recheck: after Liger's globals were in place (and swapped out), the first model's sdpa and
+    # layerzero give the first pass's logits (and layerzero the same kernels)
+    recheck = {}
+    try:
+        if "globals" in liger:
+            enter("sdpa+liger")
+            recheck["after_liger"] = True
+        for name in ("sdpa", "layerzero"):
+            if name not in samples:
+                continue
+            m = enter(name)
+            lz.reset_metrics()
+            with torch.inference_mode():
+                out = prefill(m, ids).float()
+            recheck[name] = {"max_diff_vs_first_pass": float((out - outputs[name]).abs().max())}
+            if name == "layerzero":
+                recheck[name]["same_kernels"] = _kernels() == first_kernels[name]
+    except Exception as e:
+        if args.tiny:
+            raise
+        recheck["error"] = _error(e)
+    m = None
     lz.unpatch(model)
+    _restore_modeling(saved)
+    res["recheck"] = recheck
+
+    ref = outputs.get("sdpa")
+    print(f"  {label}: {args.rounds} interleaved rounds x {args.iters} forwards per variant")
+    for name in order:
+        if name not in samples:
+            continue
+        flat = [t for ts in samples[name] for t in ts]
+        ms, ms_min = statistics.median(flat), min(flat)
+        entry = {"ms": round(ms, 3), "min_ms": round(ms_min, 3),
+                 "round_ms": [round(statistics.median(ts), 3) for ts in samples[name]]}
+        if ref is not None:
+            entry["max_diff_vs_sdpa"] = float((outputs[name] - ref).abs().max())
+        if name in first_kernels:
+            entry["kernels"] = first_kernels[name]
+        res["variants"][name] = entry
+        print(f"  {label:<4} {name:<15} {ms:9.2f} ms (min {ms_min:.2f})"
+              + (f"   max|diff| vs sdpa {entry['max_diff_vs_sdpa']:.3g}" if "max_diff_vs_sdpa" in entry else "")
+              + f"   rounds: {' '.join(f'{t:.2f}' for t in entry['round_ms'])}")
+    res["variants"] = {n: res["variants"][n] for n in args.variants if n in res["variants"]}
     others = {n: v["ms"] for n, v in res["variants"].items() if "ms" in v and not n.startswith("layerzero")}
     lzv = res["variants"].get("layerzero", {})
     if others and "ms" in lzv:
@@ -176,10 +324,37 @@ def _run_shape(label: str, shape: dict, args, device: str, dtype, cuda: bool) ->
         goal = f" (goal <= {shape['goal']})" if shape["goal"] else ""
         print(f"  {label}: t(layerzero) / t({best}) = {res['ratio']:.3f}{goal}; "
               f"kernels: {lzv.get('kernels')}")
-    del model
+    _report_recheck(label, recheck, strict=args.tiny)
+    if args.tiny and "layerzero" in first_kernels:   # lz.patch really ran LayerZero's ops
+        ops = {"attention", "rms_norm", "rope", "swiglu"}
+        assert set(first_kernels["layerzero"]) >= ops, f"layerzero ran {first_kernels['layerzero']}, not all of {ops}"
+    del model, outputs
+    liger.clear()   # frees the second model
     if cuda:
+        gc.collect()
         torch.cuda.empty_cache()
     return res
+
+
+def _report_recheck(label: str, recheck: dict, strict: bool) -> None:
+    """Print the recheck; with `strict` (--tiny: fp32 on CPU, deterministic) any change raises."""
+    parts, bad = [], []
+    for name in ("sdpa", "layerzero"):
+        if name in recheck:
+            r = recheck[name]
+            parts.append(f"{name} max|diff| {r['max_diff_vs_first_pass']:.3g}"
+                         + ("" if r.get("same_kernels", True) else ", other kernels"))
+            if r["max_diff_vs_first_pass"] != 0 or not r.get("same_kernels", True):
+                bad.append(name)
+    if "error" in recheck:
+        print(f"  {label}: recheck error: {recheck['error']}")
+    if not parts:
+        return
+    when = "after Liger was applied to the second model" if recheck.get("after_liger") else "after the rounds"
+    print(f"  {label}: recheck {when} vs first pass: {'; '.join(parts)}"
+          + (f"   WARNING: {', '.join(bad)} changed" if bad else ""))
+    if strict and bad:
+        raise AssertionError(f"{label}: {', '.join(bad)} changed between first pass and recheck: {recheck}")
 
 
 def main(argv=None) -> dict:
@@ -187,8 +362,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="tiny fp32 model on CPU (smoke run)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5; --tiny 2)")
+    ap.add_argument("--iters", type=int, default=None,
+                    help="timed forwards per variant per round (default 10; --tiny 2)")
+    ap.add_argument("--warmup", type=int, default=None, help="first-pass warm-up forwards (default 5; --tiny 1)")
+    ap.add_argument("--rewarm", type=int, default=2, help="forwards before each round's timing")
     ap.add_argument("--json", default="benchmarks/e2e_transformers.json", help="where to write results")
     args = ap.parse_args(argv)
     import transformers
@@ -196,22 +374,24 @@ def main(argv=None) -> dict:
     if args.tiny:
         device, dtype = "cpu", torch.float32
         shapes = {"tiny": TINY}
-        args.iters, args.warmup = min(args.iters, 2), min(args.warmup, 1)
+        args.rounds, args.iters, args.warmup = args.rounds or 2, args.iters or 2, args.warmup or 1
         args.variants = args.variants or [v for v in VARIANTS if v != "flex_attention"]
     else:
         if not torch.cuda.is_available():
             raise SystemExit("needs a CUDA GPU (use --tiny for a CPU smoke run)")
         device, dtype = "cuda", torch.bfloat16
         shapes = {k: SHAPES[k] for k in args.shapes}
+        args.rounds, args.iters, args.warmup = args.rounds or 5, args.iters or 10, args.warmup or 5
         args.variants = args.variants or list(VARIANTS)
+    args.variants = list(dict.fromkeys(args.variants))
     print(f"e2e prefill on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
     result = {"benchmark": "e2e_transformers", "device": device,
               "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
               "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
               "liger_kernel": _version("liger_kernel"), "layerzero": lz.__version__,
-              "python": platform.python_version(), "dtype": str(dtype)[6:], "iters": args.iters,
-              "shapes": []}
+              "python": platform.python_version(), "dtype": str(dtype)[6:], "rounds": args.rounds,
+              "iters": args.iters, "warmup": args.warmup, "rewarm": args.rewarm, "shapes": []}
     for label, shape in shapes.items():
         result["shapes"].append(run_shape(label, shape, args, device, dtype))
     if args.json:
