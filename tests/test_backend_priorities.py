@@ -28,7 +28,15 @@ def pretend_available(monkeypatch):
     (attn(window=(128, 0)), "feature"),
     (attn(softcap=True), "feature"),
     (attn(mask="bool"), "feature"),
-    (attn(causal=True, causal_align="bottom_right", sq=512, sk=4096), "feature"),
+    (attn(causal=True, causal_align="bottom_right", sq=512, sk=4096), "feature_small"),
+    (attn(b=1, causal=True, causal_align="bottom_right", sq=4096, sk=8192), "feature"),
+    (attn(b=32, hk=8, sq=1, sk=8192, window=(4096, -1), causal_align="bottom_right"), "feature_decode"),
+    (attn(b=2, hq=16, hk=16, sq=1024, sk=1024, d=64, alibi=True), "feature_small"),
+    (attn(b=4, hk=8, mask="bool", causal=True, sq=2048, sk=2048), "feature"),   # flex skips tiles
+    (attn(b=1, hq=32, hk=8, sq=2048, sk=2048, softcap=True), "feature"),
+    (attn(b=64, hk=8, sq=512, sk=512, causal=True), "small"),               # short keys
+    (attn(b=4, hq=8, hk=8, d=256), "small"),                                # d256 without causal
+    (attn(b=1, hq=16, hk=16, sq=4096, sk=4096, d=256, causal=True), "prefill"),
     (attn(causal=True, causal_align="bottom_right"), "prefill"),           # Sq == Sk: same mask
 ])
 def test_call_kind(spec, kind):
@@ -44,7 +52,14 @@ def test_call_kind(spec, kind):
     (attn(window=(256, 0), causal=True), "flash_attn.fa4"),
     (attn(alibi=True, causal=True), "flash_attn.fa2"),                        # only FA2 has ALiBi
     (attn(b=8, hq=32, hk=8, sq=1, sk=8192, window=(1024, -1), causal_align="bottom_right"),
-     "flash_attn.fa4"),
+     "flashinfer.decode"),                                                   # split-KV decode
+    (attn(b=8, hq=32, hk=8, sq=8, sk=4096, causal=True, causal_align="bottom_right"),
+     "flash_attn.fa4"),                                                      # speculative verify
+    (attn(b=1, hq=32, hk=8, sq=512, sk=8192, causal=True, causal_align="bottom_right"),
+     "torch.sdpa"),                                                          # small chunked prefill
+    (attn(b=2, hq=16, hk=16, sq=1024, sk=1024, d=64, alibi=True), "torch.sdpa"),
+    (attn(b=4, hq=32, hk=8, mask="bool", causal=True), "torch.flex"),
+    (attn(b=64, hq=32, hk=8, sq=512, sk=512, causal=True), "torch.sdpa"),
 ])
 def test_h100_defaults_pick_the_measured_winner(monkeypatch, spec, winner):
     pretend_available(monkeypatch)
@@ -134,3 +149,32 @@ def test_sdpa_math_fallback_is_visible(monkeypatch):
     assert r and "math kernel" in r[0] and "enable_gqa with a mask" in r[0]
     assert not registry.get("torch.sdpa_math").reasons(spec)
     assert not registry.get("torch.sdpa_efficient").reasons(spec)   # repeats K/V heads itself
+
+
+def test_has_empty_rows_matches_the_materialised_mask():
+    from layerzero import reference
+    import itertools
+    for sq, sk, causal, window, align in itertools.product(
+            (1, 3, 8), (1, 4, 8), (False, True), (None, (0, 0), (2, -1), (-1, 1), (1, 0), (3, 2)),
+            ("top_left", "bottom_right")):
+        if not causal and window is None:
+            continue
+        allowed = reference.attention_allowed(sq, sk, is_causal=causal, window=window,
+                                              causal_align=align, device="cpu")
+        want = bool((~allowed.any(-1)).any())
+        assert torch_sdpa.has_empty_rows(sq, sk, causal, window, align) == want, (sq, sk, causal, window, align)
+
+
+def test_shape_masks_are_cached_per_shape_and_alibi_slopes():
+    q = torch.randn(1, 2, 4, 8)
+    m1, _ = torch_sdpa.shape_mask(q, 4, 6, True, None, None, "bottom_right")
+    m2, _ = torch_sdpa.shape_mask(q, 4, 6, True, None, None, "bottom_right")
+    assert m1 is m2
+    slopes = torch.tensor([0.5, 0.25])
+    b1, _ = torch_sdpa.shape_mask(q, 4, 4, False, None, slopes, "top_left")
+    assert torch_sdpa.shape_mask(q, 4, 4, False, None, slopes, "top_left")[0] is b1
+    slopes.mul_(2)                                   # an in-place edit: the bias is rebuilt
+    b2, _ = torch_sdpa.shape_mask(q, 4, 4, False, None, slopes, "top_left")
+    assert b2 is not b1 and torch.allclose(b2, 2 * b1)
+    other = torch.tensor([0.5, 0.25])                # another tensor, same values: its own entry
+    assert torch_sdpa.shape_mask(q, 4, 4, False, None, other, "top_left")[0] is not b1

@@ -76,8 +76,7 @@ def _fake(q, k, v, *args):
 
 # ---- the custom ops: (B, S, H, D) in, (B, S, H, Dv) out ----------------------------------------
 
-@torch.library.custom_op("layerzero::fa2", mutates_args=())
-def fa2_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+def fa2_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
            window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
            dropout_p: float) -> torch.Tensor:
     from flash_attn import flash_attn_func
@@ -86,16 +85,14 @@ def fa2_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: flo
                                   softcap=softcap, alibi_slopes=alibi_slopes))
 
 
-@torch.library.custom_op("layerzero::fa3", mutates_args=())
-def fa3_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+def fa3_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
            window_left: int, window_right: int, softcap: float) -> torch.Tensor:
     from flash_attn_interface import flash_attn_func
     return _first(flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
                                   window_size=(window_left, window_right), softcap=softcap))
 
 
-@torch.library.custom_op("layerzero::fa4", mutates_args=())
-def fa4_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+def fa4_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
            window_left: int, window_right: int, softcap: float, sinks: Optional[torch.Tensor],
            num_splits: int) -> torch.Tensor:
     from flash_attn.cute import flash_attn_func
@@ -105,8 +102,16 @@ def fa4_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: flo
                                   num_splits=num_splits))
 
 
+# The custom ops are what torch.compile traces (one opaque call with a fake implementation);
+# eager calls run the implementation directly: the dispatcher round trip of a custom op costs
+# host time that a small attention call feels.
+fa2_op = torch.library.custom_op("layerzero::fa2", fa2_impl, mutates_args=())
+fa3_op = torch.library.custom_op("layerzero::fa3", fa3_impl, mutates_args=())
+fa4_op = torch.library.custom_op("layerzero::fa4", fa4_impl, mutates_args=())
+_EAGER = {fa2_op: fa2_impl, fa3_op: fa3_impl, fa4_op: fa4_impl}
 for _op in (fa2_op, fa3_op, fa4_op):
     _op.register_fake(_fake)
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 # ---- kernels: lz.attention's arguments in, q's layout out ---------------------------------------
@@ -117,7 +122,8 @@ def _run(op, q, k, v, scale, is_causal, window, causal_align, layout, *extra):
     if isinstance(tw, str):
         raise ValueError(tw)  # supports() rejects these calls; reaching here is a bug
     causal, left, right = tw
-    out = op(qb, kb, vb, _scale(scale, q.shape[-1]), causal, left, right, *extra)
+    run = op if _is_compiling() else _EAGER[op]
+    out = run(qb, kb, vb, _scale(scale, q.shape[-1]), causal, left, right, *extra)
     return out.transpose(1, 2) if layout == "bhsd" else out
 
 

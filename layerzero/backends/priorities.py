@@ -8,13 +8,16 @@ Starting point: the H100 table of FIELD-NOTES (bf16 forward, torch 2.11, cuDNN 9
 benchmarks/attention.py's oracle on the GPU host (numbers in benchmarks/RESULTS.md):
 
 - plain prefill: flash-attn-4 > cuDNN = SDPA's default (it picks cuDNN on sm90/sm100) > FlashInfer
-  (fa3) > flex > SDPA flash > efficient. FA4's Python launch costs tens of microseconds, so
-- small calls (little work per launch) go to SDPA's plain path, which has the least overhead;
+  (fa3) > flex > SDPA flash > efficient. FA4's Python launch costs ~0.15 ms of host time
+  (measured on the H100 host, against ~0.02 ms for SDPA), so
+- small calls (little work per launch, short keys) go to SDPA's plain path, the cheapest launch;
 - decode (Sq <= 16): cuDNN / SDPA's default ~ flex > FlashInfer > SDPA flash (FIELD-NOTES row 5);
 - feature calls that SDPA can express only with a materialised mask (window, bottom-right causal
   with Sq != Sk, ALiBi, padding masks) or not at all (softcap, sinks): kernels taking the feature
   natively first (flash-attn, FlashInfer), then flex (block masks skip masked tiles; its static
-  score is 30), then SDPA with an explicit mask.
+  score is 30), then SDPA with an explicit mask. Two exceptions: one query token goes to
+  FlashInfer's decode kernel first, and small calls whose mask SDPA takes go to SDPA first
+  (see call_kind).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ DECODE_MAX_Q = 16          # Sq at or below this is a decode / speculative-verif
 # benchmarks/attention.py (RESULTS.md): FA4 lost at 1x2k GQA causal (3.4e10 FLOP, 0.216 vs SDPA
 # 0.083 ms) and 64x512 GQA causal (1.1e11), won at 4x2k MHA causal (1.4e11, 0.260 vs 0.307).
 SMALL_FLOPS = 1.2e11
+LONG_KEYS = 2048           # FA4 won plain prefill only from 2k keys up (8x1k MHA: a tie)
 
 # generation -> call kind -> kernel id -> priority (kernels not listed keep their default)
 _PREFILL_HOPPER = {"flash_attn.fa4": 70, "flash_attn.fa3": 66, "torch.sdpa": 52,
@@ -47,14 +51,22 @@ _FEATURE = {"flash_attn.fa4": 75, "flash_attn.fa3": 73, "flash_attn.fa2": 70,
             "flashinfer.decode": 64, "flashinfer.prefill": 62, "xformers.mea": 29,
             "torch.sdpa_cudnn": 28, "torch.sdpa_efficient": 27, "torch.sdpa": 26,
             "torch.sdpa_flash": 25, "torch.sdpa_math": 20}
+# One query token with a window or softcap: FlashInfer's decode kernel (split-KV) beat FA4 (no
+# split-KV on sm90) 0.184 vs 0.362 ms (window, 32x8k) and 0.340 vs 0.424 ms (softcap, 16x4k d256).
+_FEATURE_DECODE = {**_FEATURE, "flashinfer.decode": 80}
+# Little work, a mask SDPA takes (causal bottom-right, window, ALiBi, a padding mask without
+# causal): SDPA with the mask (cached when it comes from shapes or ALiBi slopes, see torch_sdpa)
+# beat the kernels that skip masked tiles but pay more per launch (chunked prefill 512 over 8k:
+# 0.223 vs FA4 0.289 ms; ALiBi 2x1k d64: 0.050 vs flex 0.174 ms).
+_FEATURE_SMALL = {**_FEATURE, "torch.sdpa": 80, "torch.sdpa_cudnn": 79}
+_KINDS = {"prefill": _PREFILL_HOPPER, "small": _SMALL, "decode": _DECODE, "feature": _FEATURE,
+          "feature_decode": _FEATURE_DECODE, "feature_small": _FEATURE_SMALL}
 TABLES = {
-    "hopper": {"prefill": _PREFILL_HOPPER, "small": _SMALL, "decode": _DECODE, "feature": _FEATURE},
-    "blackwell": {"prefill": {**_PREFILL_HOPPER, "flash_attn.fa4": 75}, "small": _SMALL,
-                  "decode": _DECODE, "feature": _FEATURE},
+    "hopper": _KINDS,
+    "blackwell": {**_KINDS, "prefill": {**_PREFILL_HOPPER, "flash_attn.fa4": 75}},
     # Ampere/Ada: SDPA's default is its flash kernel (FA2 code); cuDNN isn't preferred there.
-    "ampere": {"prefill": {**_PREFILL_HOPPER, "flash_attn.fa2": 60, "torch.sdpa_cudnn": 40},
-               "small": _SMALL, "decode": _DECODE, "feature": _FEATURE},
-    "other": {"prefill": {}, "small": _SMALL, "decode": _DECODE, "feature": _FEATURE},
+    "ampere": {**_KINDS, "prefill": {**_PREFILL_HOPPER, "flash_attn.fa2": 60, "torch.sdpa_cudnn": 40}},
+    "other": {**_KINDS, "prefill": {}},
 }
 
 
@@ -74,12 +86,31 @@ def attention_flops(spec) -> float:
 
 
 def call_kind(spec) -> str:
-    """"feature", "decode", "small" or "prefill" (checked in that order)."""
+    """The row of the priority table a CUDA attention call uses:
+
+    - "feature_decode": one query token with something SDPA lacks an argument for;
+    - "feature_small": little work (< SMALL_FLOPS), Sq > DECODE_MAX_Q, a mask SDPA takes
+      (no softcap or sinks) and not a caller's mask combined with causal (flex skips the
+      masked tiles there: 0.514 vs 0.827 ms at 4x2k);
+    - "feature": other calls SDPA can't take as they are;
+    - "decode": Sq <= DECODE_MAX_Q;
+    - "small": little work, short keys (< LONG_KEYS) or head_dim > 128 without causal, where
+      a launch's host cost outweighs FA4's kernel gain (FA4 lost 64x512 GQA causal 0.517 vs
+      0.376 ms and 4x2k d256 0.245 vs 0.211 at the same 1.4e11 FLOP where it won 1x4k d256
+      causal 0.215 vs 0.267);
+    - "prefill": the rest.
+    """
+    flops = attention_flops(spec)
     if not sdpa_native(spec):
+        if spec.seq_len_q == 1:
+            return "feature_decode"
+        if (spec.seq_len_q > DECODE_MAX_Q and flops < SMALL_FLOPS and not spec.softcap
+                and not spec.sinks and not (spec.mask != "none" and spec.causal)):
+            return "feature_small"
         return "feature"
     if spec.seq_len_q <= DECODE_MAX_Q:
         return "decode"
-    if attention_flops(spec) < SMALL_FLOPS:
+    if flops < SMALL_FLOPS or spec.seq_len_k < LONG_KEYS or (spec.head_dim > 128 and not spec.causal):
         return "small"
     return "prefill"
 

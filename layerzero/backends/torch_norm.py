@@ -1,5 +1,8 @@
 """torch's fused norms: F.rms_norm (torch >= 2.4) and F.layer_norm as `torch.rms_norm` /
-`torch.layer_norm`. Low-precision inputs are normalised in float32, as the op's contract says."""
+`torch.layer_norm`. Low-precision inputs are normalised in float32, as the op's contract says:
+on CUDA, torch's fused kernels (`aten._fused_rms_norm`, torch >= 2.8, and layer_norm's) take
+half/bf16 inputs and accumulate in float32 themselves, one kernel and one cheap launch; elsewhere
+the input is upcast first."""
 from __future__ import annotations
 
 import torch
@@ -8,9 +11,15 @@ import torch.nn.functional as F
 from ..registry import register
 
 
+_FUSED_RMS = hasattr(torch.ops.aten, "_fused_rms_norm")
+
+
 def rms_norm(x, weight, eps, residual, offset):
     if residual is not None:
         x = x + residual
+    if _FUSED_RMS and x.is_cuda and offset == 0.0 and (weight is None or weight.dtype == x.dtype):
+        y = F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return (y, x) if residual is not None else y
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
     w = None
     if weight is not None:
@@ -39,5 +48,14 @@ def supports_rms(spec) -> list[str]:
     return [] if hasattr(F, "rms_norm") else [f"torch {torch.__version__} has no F.rms_norm"]
 
 
-register("rms_norm", "torch.rms_norm", rms_norm, priority=50, supports=supports_rms)
+def rms_priority(spec) -> int:
+    """50; on CUDA with torch's fused kernel and nothing it can't take in one pass (offset,
+    residual), 61: ahead of Liger's and our Triton kernels, whose Python launch costs several
+    times torch's (see priorities.by_size) for the same one pass over the row."""
+    if spec.device == "cuda" and _FUSED_RMS and not spec.flags & {"offset", "residual"}:
+        return 61
+    return 50
+
+
+register("rms_norm", "torch.rms_norm", rms_norm, priority=rms_priority, supports=supports_rms)
 register("layer_norm", "torch.layer_norm", layer_norm, priority=50)

@@ -68,13 +68,66 @@ def _to_bhsd(q, k, v, layout):
 
 
 def _prepare(q, k, v, attn_mask, is_causal, window, alibi_slopes, layout, causal_align, float_mask=False):
+    """(q, k, v) as (B, H, S, D), SDPA's mask, its is_causal, and whether the mask may leave a
+    query with no key (then the output rows are zeroed)."""
     q, k, v = _to_bhsd(q, k, v, layout)
     sq, sk = q.shape[2], k.shape[2]
     if (attn_mask is None and window is None and alibi_slopes is None
             and not (is_causal and causal_align == "bottom_right" and sq != sk)):
-        return q, k, v, None, is_causal
+        return q, k, v, None, is_causal, False
+    if attn_mask is None and not float_mask:
+        mask, empty = shape_mask(q, sq, sk, is_causal, window, alibi_slopes, causal_align)
+        return q, k, v, mask, False, empty
     return q, k, v, explicit_mask(q, sq, sk, attn_mask, is_causal, window, alibi_slopes,
-                                  causal_align, float_mask), False
+                                  causal_align, float_mask), False, True
+
+
+# Masks built from shapes alone (causal/window alignment) or from ALiBi slopes are cached, as a
+# caller of SDPA builds them once: rebuilding costs more than a small attention call (ALiBi
+# 2x1k d64 on the H100: 0.277 ms with the bias built per call, 0.050 ms with it built once).
+_MASKS: dict = {}
+MASK_CACHE_ENTRIES = 16
+MASK_CACHE_MAX_BYTES = 64 << 20      # per mask; larger ones are built per call
+
+
+def has_empty_rows(sq: int, sk: int, is_causal: bool, window, causal_align: str) -> bool:
+    """Does the causal/window mask leave some query with no key? Query i sees keys
+    max(0, i + c1) .. min(sk - 1, i + c2); both bounds grow with i, so the first and last
+    rows decide."""
+    off = 0 if causal_align == "top_left" else sk - sq
+    left, right = window if window is not None else (-1, -1)
+    bounds = [r for r in (0 if is_causal else -1, right) if r >= 0]
+
+    def empty(i):
+        lo = max(0, i + off - left) if left >= 0 else 0
+        hi = min(sk - 1, i + off + min(bounds)) if bounds else sk - 1
+        return lo > hi
+    return empty(0) or empty(sq - 1)
+
+
+def shape_mask(q, sq, sk, is_causal, window, alibi_slopes, causal_align):
+    """(explicit_mask without a caller's mask, whether it has empty rows), cached per shapes
+    and per ALiBi slopes tensor (identity and version: an in-place edit rebuilds it)."""
+    empty = has_empty_rows(sq, sk, is_causal, window, causal_align)
+    tracing = _compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    if tracing or (alibi_slopes is not None and alibi_slopes.requires_grad):
+        return explicit_mask(q, sq, sk, None, is_causal, window, alibi_slopes, causal_align), empty
+    slopes = None if alibi_slopes is None else (id(alibi_slopes), alibi_slopes._version)
+    key = (sq, sk, is_causal, window, causal_align, q.device, q.dtype, slopes)
+    hit = _MASKS.get(key)
+    if hit is not None and hit[1] is alibi_slopes:
+        return hit[0], empty
+    mask = explicit_mask(q, sq, sk, None, is_causal, window, alibi_slopes, causal_align)
+    if mask.numel() * mask.element_size() <= MASK_CACHE_MAX_BYTES:
+        if len(_MASKS) >= MASK_CACHE_ENTRIES:
+            _MASKS.pop(next(iter(_MASKS)), None)
+        _MASKS[key] = (mask, alibi_slopes)        # holding the slopes keeps their id unique
+    return mask, empty
+
+
+def _compiling() -> bool:
+    f = getattr(torch.compiler, "is_compiling", None)
+    return bool(f and f())
 
 
 _sdpa_gqa = functools.partial(F.scaled_dot_product_attention, enable_gqa=True)
@@ -91,21 +144,24 @@ def sdpa(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi
             not is_causal or causal_align == "top_left" or q.shape[2] == k.shape[2]):
         return F.scaled_dot_product_attention(q, k, v, None, dropout_p, is_causal, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
-    qh, kh, vh, mask, causal = _prepare(q, k, v, attn_mask, is_causal, window, alibi_slopes,
-                                        layout, causal_align)
+    qh, kh, vh, mask, causal, empty = _prepare(q, k, v, attn_mask, is_causal, window, alibi_slopes,
+                                               layout, causal_align)
     out = F.scaled_dot_product_attention(qh, kh, vh, mask, dropout_p, causal, scale=scale,
                                          enable_gqa=qh.shape[1] != kh.shape[1])
-    if mask is not None:
+    if empty:
         out = zero_empty_rows(out, mask)
     return out.transpose(1, 2) if layout == "bshd" else out
 
 
 def zero_empty_rows(out, mask):
     """Queries whose mask allows no key return zeros. SDPA's cuDNN kernel returns garbage for
-    them (measured on the H100, torch 2.11: error 0.64 on a (B, H, Sq, D) bf16 call)."""
+    them (measured on the H100, torch 2.11: error 0.64 on a (B, H, Sq, D) bf16 call). SDPA's
+    output is fresh, so it is zeroed in place (one pass over it)."""
     empty = ~mask.any(-1, keepdim=True) if mask.dtype == torch.bool else \
         torch.isneginf(mask).all(-1, keepdim=True)                     # (.., Sq, 1)
-    return out.masked_fill(empty, 0.0)
+    if _compiling() or out.requires_grad:
+        return out.masked_fill(empty, 0.0)
+    return out.masked_fill_(empty, 0.0)
 
 
 def _forced(backend):
@@ -120,8 +176,8 @@ def _forced(backend):
 
 def flash_cpu(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_slopes, sinks,
               layout, causal_align):
-    qh, kh, vh, mask, causal = _prepare(q, k, v, attn_mask, is_causal, window, alibi_slopes,
-                                        layout, causal_align, float_mask=True)
+    qh, kh, vh, mask, causal, _ = _prepare(q, k, v, attn_mask, is_causal, window, alibi_slopes,
+                                           layout, causal_align, float_mask=True)
     if TORCH < (2, 6) and qh.shape[1] != kh.shape[1]:
         rep = qh.shape[1] // kh.shape[1]
         kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
