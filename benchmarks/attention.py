@@ -3,13 +3,15 @@
 For each of ~34 calls (plain prefill 512..16k tokens, head_dim 64/128/256, causal or not, GQA,
 batch 1..64; decode with Sq = 1 over 1k..32k keys; feature calls: padding masks, sliding windows,
 softcap, ALiBi, bottom-right causal, sinks) it times every kernel that can run the call, the
-`lz.attention` call itself, and torch SDPA given the same semantics (an explicit mask where SDPA
-needs one, built outside the timed region; the eager PyTorch formula where SDPA can't express the
-call: softcap, sinks). It prints per call LayerZero's pick, the oracle, t(lz)/t(oracle) and the
+`lz.attention` call itself, and torch SDPA given the same semantics: an explicit mask where SDPA
+needs one, built outside the timed region; with a caller's mask, the rows it leaves empty zeroed,
+as lz.attention's contract says (SDPA without that is timed too and reported beside); the eager
+PyTorch formula where SDPA can't express the call (softcap, sinks). It prints per call LayerZero's pick, the oracle, t(lz)/t(oracle) and the
 speedup over SDPA, then the summary against issue 4's goals, and writes JSON and a PNG chart.
 
 Timing: CUDA events around a loop of calls (Python launch cost included, as a user pays it),
-median of 3 trials, after warm-up calls. Warm-up absorbs compiles and JIT (flash-attn-4's CuTe
+median of 5 interleaved trials (each trial times every kernel, the lz call and the SDPA baseline
+once, in a rotated order, so clock drift hits all alike), after warm-up calls. Warm-up absorbs compiles and JIT (flash-attn-4's CuTe
 DSL, flex's torch.compile, FlashInfer's nvcc); a kernel whose warm-ups pass --max-compile-s is not
 timed on later calls (said so in the output), except LayerZero's own pick. Kernels that
 materialise the scores (SDPA math, the reference) are skipped on calls where that needs over 4 GB.
@@ -77,6 +79,7 @@ SMOKE = [
     ("smoke prefill", "prefill", (1, 2, 2, 16, 16, 8), dict(is_causal=True)),
     ("smoke decode", "decode", (2, 4, 2, 1, 24, 8), {}),
     ("smoke softcap", "feature", (1, 2, 1, 8, 8, 16), dict(softcap=5.0, is_causal=True)),
+    ("smoke padding mask", "feature", (2, 2, 1, 8, 8, 8), dict(attn_mask="padding")),
 ]
 MATERIALISE_LIMIT = 4 * 2**30       # bytes of fp32 scores above which math/reference are skipped
 
@@ -120,29 +123,55 @@ def sdpa_baseline(q, k, v, kw):
         return (lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal, enable_gqa=gqa)), "sdpa"
     mask = explicit_mask(qh, sq, sk, kw.get("attn_mask"), causal, kw.get("window"),
                          kw.get("alibi_slopes"), align)
-    return (lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)), "sdpa+mask"
+    plain = lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)  # noqa: E731
+    if kw.get("attn_mask") is None:
+        return plain, "sdpa+mask"
+    # A caller's mask may leave a query with no key; lz.attention's contract (API.md) gives zeros
+    # there, SDPA's cuDNN kernel garbage: the same semantics from SDPA need the rows zeroed.
+    empty = ~mask.any(-1, keepdim=True)
+    return (lambda: plain().masked_fill_(empty, 0.0)), "sdpa+mask+zero-rows"
 
 
-def timer(fn, device, min_time=0.03, trials=3) -> float:
-    """Median milliseconds per call over `trials` loops of >= min_time seconds each."""
-    cuda = device == "cuda"
+def sdpa_without_zero_rows(q, k, v, kw):
+    """The SDPA baseline without zeroing empty rows, for calls with a caller's mask (else None)."""
+    if kw.get("attn_mask") is None:
+        return None
+    kw = dict(kw)
+    mask = kw.pop("attn_mask")
+    layout = kw.get("layout", "bhsd")
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v)) if layout == "bshd" else (q, k, v)
+    full = explicit_mask(qh, qh.shape[2], kh.shape[2], mask, kw.get("is_causal", False), kw.get("window"),
+                         kw.get("alibi_slopes"), kw.get("causal_align", "top_left"))
+    return lambda: F.scaled_dot_product_attention(qh, kh, vh, attn_mask=full, enable_gqa=qh.shape[1] != kh.shape[1])
 
-    def loop(n):
-        if cuda:
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(n):
-                fn()
-            e1.record()
-            e1.synchronize()
-            return e0.elapsed_time(e1) / n
-        t0 = time.perf_counter()
+
+def _loop(fn, n, cuda) -> float:
+    """Milliseconds per call of n back-to-back calls."""
+    if cuda:
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
         for _ in range(n):
             fn()
-        return (time.perf_counter() - t0) * 1e3 / n
-    one = loop(1)
-    n = max(1, min(200, int(min_time * 1e3 / max(one, 1e-3))))
-    return statistics.median(loop(n) for _ in range(trials))
+        e1.record()
+        e1.synchronize()
+        return e0.elapsed_time(e1) / n
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) * 1e3 / n
+
+
+def timer(fns: dict, device, min_time=0.02, trials=5) -> dict:
+    """name -> median milliseconds per call. Interleaved: each of `trials` rounds times every
+    function once (a loop of >= min_time seconds), in an order rotated per round, so GPU clock
+    drift falls on all of them alike."""
+    cuda = device == "cuda"
+    n = {k: max(1, min(200, int(min_time * 1e3 / max(_loop(f, 1, cuda), 1e-3)))) for k, f in fns.items()}
+    names, samples = list(fns), {k: [] for k in fns}
+    for t in range(trials):
+        for k in names[t % len(names):] + names[: t % len(names)]:
+            samples[k].append(_loop(fns[k], n[k], cuda))
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def warm(fn, device) -> float:
@@ -170,6 +199,7 @@ def bench_call(name, cat, shape, feats, args, compile_spent) -> dict:
     row["lz_pick"] = decision.chosen
     args_t = lz.ops.bind("attention", (q, k, v), kw)
     big = b * hq * sq * sk * 4 > MATERIALISE_LIMIT
+    fns = {}
     for c in decision.candidates:
         if c.status not in ("eligible", "chosen") or c.kernel in args.skip:
             if c.status in ("eligible", "chosen"):
@@ -186,15 +216,28 @@ def bench_call(name, cat, shape, feats, args, compile_spent) -> dict:
         try:
             spent = warm(call, args.device)
             compile_spent[c.kernel] = compile_spent.get(c.kernel, 0.0) + spent
-            row["kernels"][c.kernel] = round(timer(call, args.device), 4)
+            fns[c.kernel] = call
         except Exception as e:  # noqa: BLE001 - a kernel failing here is a finding, not a crash
             row["skipped"][c.kernel] = f"raised {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     lz_call = lambda: lz.attention(q, k, v, **kw)  # noqa: E731
+    lz.reset_metrics()
     warm(lz_call, args.device)
-    row["lz_ms"] = round(timer(lz_call, args.device), 4)
+    m = lz.metrics()
+    row["lz_ran"], row["lz_fallbacks"] = m["calls"].get("attention", {}), m["fallbacks"]
     base, what = sdpa_baseline(q, k, v, kw)
     warm(base, args.device)
-    row["sdpa_ms"], row["sdpa_is"] = round(timer(base, args.device), 4), what
+    extra = {}
+    plain = sdpa_without_zero_rows(q, k, v, kw)
+    if plain is not None:
+        warm(plain, args.device)
+        extra["<sdpa-plain>"] = plain
+    timed = timer({**fns, "<lz>": lz_call, "<sdpa>": base, **extra}, args.device)
+    row["lz_ms"] = round(timed.pop("<lz>"), 4)
+    row["sdpa_ms"], row["sdpa_is"] = round(timed.pop("<sdpa>"), 4), what
+    if plain is not None:
+        row["sdpa_without_zero_rows_ms"] = round(timed.pop("<sdpa-plain>"), 4)
+        row["speedup_vs_sdpa_without_zero_rows"] = round(row["sdpa_without_zero_rows_ms"] / row["lz_ms"], 4)
+    row["kernels"] = {kid: round(t, 4) for kid, t in timed.items()}
     if row["kernels"]:
         row["oracle"] = min(row["kernels"], key=row["kernels"].get)
         row["oracle_ms"] = row["kernels"][row["oracle"]]
@@ -213,7 +256,10 @@ def summarize(rows) -> dict:
     s = {"calls": len(rows), "lz_over_oracle_geomean": geomean(ratios),
          "lz_over_oracle_worst": max(ratios) if ratios else None,
          "speedup_vs_sdpa_min": min(r["speedup_vs_sdpa"] for r in rows) if rows else None,
-         "picks_oracle": sum(r.get("oracle") == r["lz_pick"] for r in rows)}
+         "picks_oracle": sum(r.get("oracle") == r["lz_pick"] for r in rows),
+         "speedup_vs_sdpa_without_zero_rows_min": min(
+             (r["speedup_vs_sdpa_without_zero_rows"] for r in rows if "speedup_vs_sdpa_without_zero_rows" in r),
+             default=None)}
     for cat in ("prefill", "decode", "feature"):
         s[f"speedup_vs_sdpa_geomean_{cat}"] = geomean([r["speedup_vs_sdpa"] for r in rows if r["category"] == cat])
     s["goals"] = {
@@ -293,6 +339,8 @@ def main(argv=None) -> dict:
         print(f"{name:<30} {str(r['lz_pick']):<20} {r.get('oracle', '-'):<20} {r['lz_ms']:>8.3f} "
               f"{r.get('oracle_ms', float('nan')):>8.3f} {r.get('lz_over_oracle', float('nan')):>6.3f} "
               f"{r['sdpa_ms']:>8.3f} {r['speedup_vs_sdpa']:>6.2f}x  {r['sdpa_is']}"
+              + (f"   (vs SDPA without zeroing empty rows: {r['speedup_vs_sdpa_without_zero_rows']:.2f}x)"
+                 if "speedup_vs_sdpa_without_zero_rows" in r else "")
               + (f"   (not timed: {', '.join(f'{k} ({v})' for k, v in r['skipped'].items())})" if r["skipped"] else ""),
               flush=True)
     s = summarize(rows)
