@@ -3,7 +3,8 @@
 - rms_norm: optional residual add fused with RMSNorm; one program per row; reads x (and the
   residual) once, writes y (and x + residual) once. Inputs of any strides (up to 3 leading dims
   are indexed directly; more are flattened with reshape).
-- rope: q and k rotated in one launch; one program per (batch*seq, head); any strides for
+- rope: q and k rotated in one launch; one program per token (batch*seq) rotates all its q and k
+  heads as 2-D tiles (a second grid dim splits heads only past _MAX_TILE); any strides for
   q, k, cos and sin (cos/sin broadcast over batch or sequence by stride 0); partial rotary (the
   tail is copied) and both pair layouts (rotate_half / interleaved).
 
@@ -71,55 +72,104 @@ def rms_norm(x, weight, eps, residual, offset):
     return (y, s) if residual is not None else y
 
 
-@triton.jit
-def _rope_rows(IN, OUT, i_base, o_base, isd, osd, c1, c2, s1, s2, i1, i2, m, D, HALF,
-               HAS_TAIL: tl.constexpr, BLOCK_T: tl.constexpr):
-    x1 = tl.load(IN + i_base + i1 * isd, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(IN + i_base + i2 * isd, mask=m, other=0.0).to(tl.float32)
-    tl.store(OUT + o_base + i1 * osd, (x1 * c1 - x2 * s1).to(OUT.dtype.element_ty), mask=m)
-    tl.store(OUT + o_base + i2 * osd, (x2 * c2 + x1 * s2).to(OUT.dtype.element_ty), mask=m)
-    if HAS_TAIL:
-        t = 2 * HALF + tl.arange(0, BLOCK_T)
-        mt = t < D
-        tl.store(OUT + o_base + t * osd, tl.load(IN + i_base + t * isd, mask=mt), mask=mt)
+_MAX_TILE = 16384   # elements of a [heads, BLOCK_HALF] tile one program keeps in registers
 
 
 @triton.jit
-def _rope_kernel(Q, K, QO, KO, COS, SIN, HQ, S, D, HALF,
-                 qs0, qs1, qs2, qs3, ks0, ks1, ks2, ks3, qo0, qo1, qo2, qo3, ko0, ko1, ko2, ko3,
-                 cs0, cs1, cs2, ss0, ss1, ss2,
-                 INTERLEAVED: tl.constexpr, HAS_TAIL: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_T: tl.constexpr):
-    bs = tl.program_id(0).to(tl.int64)                   # offsets past 2**31 elements
-    h = tl.program_id(1).to(tl.int64)
-    b = bs // S
-    s = bs % S
-    j = tl.arange(0, BLOCK_H)
-    m = j < HALF
+def _rope_rows(X, Y, x_row, y_row, xd, yd, hm, c1, c2, s1, s2, D: tl.constexpr,
+               HALF: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr,
+               BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Rotates a [BLOCK_H, head_dim] tile of heads: x_row/y_row are the int64 offsets of each
+    head's first feature ([BLOCK_H, 1]), xd/yd the feature strides, hm the head mask."""
+    if INTERLEAVED:                                     # adjacent pairs: one contiguous load
+        r = tl.arange(0, 2 * BLOCK_HALF)[None, :]
+        m = hm & (r < 2 * HALF)
+        x = tl.load(X + x_row + r * xd, mask=m, other=0.0).to(tl.float32)
+        x1, x2 = tl.split(tl.reshape(x, (BLOCK_H, BLOCK_HALF, 2)))
+        y = tl.reshape(tl.join(x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), (BLOCK_H, 2 * BLOCK_HALF))
+        tl.store(Y + y_row + r * yd, y.to(Y.dtype.element_ty), mask=m)
+    else:                                               # rotate_half: first and second halves
+        j = tl.arange(0, BLOCK_HALF)[None, :]
+        m = hm & (j < HALF)
+        x1 = tl.load(X + x_row + j * xd, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(X + x_row + (j + HALF) * xd, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + y_row + j * yd, (x1 * c1 - x2 * s1).to(Y.dtype.element_ty), mask=m)
+        tl.store(Y + y_row + (j + HALF) * yd, (x2 * c2 + x1 * s2).to(Y.dtype.element_ty), mask=m)
+    if 2 * HALF < D:                                    # partial rotary: the tail is copied
+        t = 2 * HALF + tl.arange(0, BLOCK_T)[None, :]
+        mt = hm & (t < D)
+        tl.store(Y + y_row + t * yd, tl.load(X + x_row + t * xd, mask=mt), mask=mt)
+
+
+@triton.jit
+def _rope_cs(C, off, cd, HALF: tl.constexpr, INTERLEAVED: tl.constexpr,
+             BLOCK_HALF: tl.constexpr):
+    """The token's cos (or sin) as the two [1, BLOCK_HALF] fp32 rows multiplying x1 and x2."""
     if INTERLEAVED:
-        i1 = 2 * j
-        i2 = 2 * j + 1
+        r = tl.arange(0, 2 * BLOCK_HALF)
+        c = tl.load(C + off + r * cd, mask=r < 2 * HALF, other=0.0).to(tl.float32)
+        c1, c2 = tl.split(tl.reshape(c, (BLOCK_HALF, 2)))
     else:
-        i1 = j
-        i2 = j + HALF
-    c_base = b * cs0 + s * cs1
-    s_base = b * ss0 + s * ss1
-    c1 = tl.load(COS + c_base + i1 * cs2, mask=m, other=0.0).to(tl.float32)
-    c2 = tl.load(COS + c_base + i2 * cs2, mask=m, other=0.0).to(tl.float32)
-    s1 = tl.load(SIN + s_base + i1 * ss2, mask=m, other=0.0).to(tl.float32)
-    s2 = tl.load(SIN + s_base + i2 * ss2, mask=m, other=0.0).to(tl.float32)
-    if h < HQ:
-        _rope_rows(Q, QO, b * qs0 + h * qs1 + s * qs2, b * qo0 + h * qo1 + s * qo2, qs3, qo3,
-                   c1, c2, s1, s2, i1, i2, m, D, HALF, HAS_TAIL, BLOCK_T)
-    else:
-        hk = h - HQ
-        _rope_rows(K, KO, b * ks0 + hk * ks1 + s * ks2, b * ko0 + hk * ko1 + s * ko2, ks3, ko3,
-                   c1, c2, s1, s2, i1, i2, m, D, HALF, HAS_TAIL, BLOCK_T)
+        j = tl.arange(0, BLOCK_HALF)
+        c1 = tl.load(C + off + j * cd, mask=j < HALF, other=0.0).to(tl.float32)
+        c2 = tl.load(C + off + (j + HALF) * cd, mask=j < HALF, other=0.0).to(tl.float32)
+    return c1[None, :], c2[None, :]
 
 
-def _bhsd_strides(t, layout):
+@triton.jit
+def _rope_token(Q, K, QO, KO, COS, SIN, S, q_b, q_s, q_h, q_d, k_b, k_s, k_h, k_d,
+                qo_b, qo_s, qo_h, qo_d, ko_b, ko_s, ko_h, ko_d, c_b, c_s, c_d, s_b, s_s, s_d,
+                HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                INTERLEAVED: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+    """One token (b, s) = program_id(0) and one block of heads = program_id(1) (a single block
+    unless a head tile is too large): cos/sin are read once and rotate every q and k head of
+    the token. Strides are (batch, seq, head, feature) for q, k and the outputs, (batch, seq,
+    feature) for cos and sin (0 where they broadcast)."""
+    tok = tl.program_id(0).to(tl.int64)                 # offsets past 2**31 elements
+    hb = tl.program_id(1)
+    b = tok // S
+    s = tok - b * S
+    c1, c2 = _rope_cs(COS, b * c_b + s * c_s, c_d, HALF, INTERLEAVED, BLOCK_HALF)
+    s1, s2 = _rope_cs(SIN, b * s_b + s * s_s, s_d, HALF, INTERLEAVED, BLOCK_HALF)
+    hq = hb * BLOCK_HQ + tl.arange(0, BLOCK_HQ)
+    h = hq.to(tl.int64)[:, None]
+    _rope_rows(Q, QO, b * q_b + s * q_s + h * q_h, b * qo_b + s * qo_s + h * qo_h, q_d, qo_d,
+               (hq < HQ)[:, None], c1, c2, s1, s2, D, HALF, INTERLEAVED, BLOCK_HQ, BLOCK_HALF, BLOCK_T)
+    hk = hb * BLOCK_HK + tl.arange(0, BLOCK_HK)
+    h = hk.to(tl.int64)[:, None]
+    _rope_rows(K, KO, b * k_b + s * k_s + h * k_h, b * ko_b + s * ko_s + h * ko_h, k_d, ko_d,
+               (hk < HK)[:, None], c1, c2, s1, s2, D, HALF, INTERLEAVED, BLOCK_HK, BLOCK_HALF, BLOCK_T)
+
+
+@triton.jit(do_not_specialize=["S"])
+def _rope_kernel(Q, K, QO, KO, COS, SIN, S, q_b, q_s, q_h, q_d, k_b, k_s, k_h, k_d, c_b, c_s, c_d,
+                 HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                 INTERLEAVED: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The usual call: each output has its input's strides (a dense input: empty_like keeps its
+    layout) and sin has cos's strides, so only q's, k's and cos's strides are passed."""
+    _rope_token(Q, K, QO, KO, COS, SIN, S, q_b, q_s, q_h, q_d, k_b, k_s, k_h, k_d,
+                q_b, q_s, q_h, q_d, k_b, k_s, k_h, k_d, c_b, c_s, c_d, c_b, c_s, c_d,
+                HQ, HK, D, HALF, INTERLEAVED, BLOCK_HQ, BLOCK_HK, BLOCK_HALF, BLOCK_T)
+
+
+@triton.jit(do_not_specialize=["S"])
+def _rope_kernel_strided(Q, K, QO, KO, COS, SIN, S, q_b, q_s, q_h, q_d, k_b, k_s, k_h, k_d,
+                         qo_b, qo_s, qo_h, qo_d, ko_b, ko_s, ko_h, ko_d, c_b, c_s, c_d, s_b, s_s, s_d,
+                         HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                         INTERLEAVED: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                         BLOCK_HALF: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Any other call (a non-dense input, so a contiguous output; sin strided unlike cos)."""
+    _rope_token(Q, K, QO, KO, COS, SIN, S, q_b, q_s, q_h, q_d, k_b, k_s, k_h, k_d,
+                qo_b, qo_s, qo_h, qo_d, ko_b, ko_s, ko_h, ko_d, c_b, c_s, c_d, s_b, s_s, s_d,
+                HQ, HK, D, HALF, INTERLEAVED, BLOCK_HQ, BLOCK_HK, BLOCK_HALF, BLOCK_T)
+
+
+def _bshd_strides(t, bshd):
+    """(batch, seq, head, feature) strides of q or k in either layout."""
     s = t.stride()
-    return s if layout == "bhsd" else (s[0], s[2], s[1], s[3])
+    return s if bshd else (s[0], s[2], s[1], s[3])
 
 
 def _cs_strides(c, s_len):
@@ -129,19 +179,36 @@ def _cs_strides(c, s_len):
     return (c.stride(0) if c.shape[0] > 1 else 0, c.stride(1) if c.shape[1] == s_len else 0, c.stride(2))
 
 
+def _pow2(n):
+    """next power of 2 >= max(n, 1) (triton.next_power_of_2 costs ~2 us a call on the host)"""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def _heads_block(h, block_half):
+    return min(_pow2(h), max(1, _MAX_TILE // block_half))
+
+
 def rope(q, k, cos, sin, layout, interleaved):
     """Rotary embedding of q and k -> (q_rot, k_rot), in q's/k's layout and dtype."""
+    bshd = layout == "bshd"
     b, d = q.shape[0], q.shape[-1]
-    hq, s = (q.shape[1], q.shape[2]) if layout == "bhsd" else (q.shape[2], q.shape[1])
-    hk = k.shape[1] if layout == "bhsd" else k.shape[2]
+    s, hq = (q.shape[1], q.shape[2]) if bshd else (q.shape[2], q.shape[1])
+    hk = k.shape[2] if bshd else k.shape[1]
     half = cos.shape[-1] // 2
     qo, ko = torch.empty_like(q), torch.empty_like(k)
-    block_t = triton.next_power_of_2(max(d - 2 * half, 1))
-    _rope_kernel[(b * s, hq + hk)](
-        q, k, qo, ko, cos, sin, hq, s, d, half,
-        *_bhsd_strides(q, layout), *_bhsd_strides(k, layout),
-        *_bhsd_strides(qo, layout), *_bhsd_strides(ko, layout),
-        *_cs_strides(cos, s), *_cs_strides(sin, s),
-        INTERLEAVED=interleaved, HAS_TAIL=d > 2 * half,
-        BLOCK_H=triton.next_power_of_2(max(half, 1)), BLOCK_T=block_t, num_warps=1 if d <= 128 else 2)
+    if b * s == 0:
+        return qo, ko
+    bh = _pow2(half)
+    bq, bk = _heads_block(hq, bh), _heads_block(hk, bh)
+    qst, kst, cst, sst = _bshd_strides(q, bshd), _bshd_strides(k, bshd), _cs_strides(cos, s), _cs_strides(sin, s)
+    qost, kost = _bshd_strides(qo, bshd), _bshd_strides(ko, bshd)
+    grid = (b * s, max(-(-hq // bq), -(-hk // bk)))
+    tile = max(bq, bk) * bh
+    meta = dict(HQ=hq, HK=hk, D=d, HALF=half, INTERLEAVED=interleaved, BLOCK_HQ=bq, BLOCK_HK=bk,
+                BLOCK_HALF=bh, BLOCK_T=_pow2(d - 2 * half),
+                num_warps=4 if tile <= 4096 else 8 if tile <= 8192 else 16)
+    if qost == qst and kost == kst and sst == cst:
+        _rope_kernel[grid](q, k, qo, ko, cos, sin, s, *qst, *kst, *cst, **meta)
+    else:
+        _rope_kernel_strided[grid](q, k, qo, ko, cos, sin, s, *qst, *kst, *qost, *kost, *cst, *sst, **meta)
     return qo, ko

@@ -2,7 +2,8 @@
 (q and k in one launch). The kernels live in `_triton_impl` (imported on first use: it imports
 triton); they take any strides, so transposed or sliced inputs need no copy. Both are
 `torch.library` custom ops (`layerzero::triton_rms_norm`, `layerzero::triton_rope`) with fake
-implementations, so torch.compile traces them as one call each.
+implementations, so torch.compile traces them as one call each; in eager mode the public
+functions call the implementation directly (the custom op's dispatch costs tens of us a call).
 
 They run on CUDA, and on the CPU under TRITON_INTERPRET=1 (how the CPU tests check them; the
 interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even, so CPU checks use fp32
@@ -20,6 +21,25 @@ from . import priorities
 from ._gpu import triton_reasons
 
 _IMPL = "layerzero.backends._triton_impl"
+_impl = None                                   # the _triton_impl module, once imported
+# (torch >= 2.3 has torch.compiler.is_compiling; without it every call takes the custom op)
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: True)
+_modes = getattr(torch._C, "_len_torch_dispatch_stack", None) or (lambda: 0)
+
+
+def _eager(t) -> bool:
+    """A plain eager call: not traced by torch.compile/export, no dispatch mode active (make_fx,
+    FakeTensorMode) and a plain tensor (no fake/functional subclass). Such a call runs the
+    kernel directly; any other goes through the custom op."""
+    return type(t) is torch.Tensor and not _compiling() and not _modes()
+
+
+def _kernels():
+    global _impl
+    if _impl is None:
+        from . import _triton_impl
+        _impl = _triton_impl
+    return _impl
 
 
 @torch.library.custom_op("layerzero::triton_rms_norm", mutates_args=())
@@ -27,8 +47,7 @@ def rms_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
                 residual: Optional[torch.Tensor], offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y, x + residual); the second is an empty tensor without a residual. A custom op, so
     torch.compile sees one call."""
-    from ._triton_impl import rms_norm as run
-    out = run(x, weight, eps, residual, offset)
+    out = _kernels().rms_norm(x, weight, eps, residual, offset)
     return out if residual is not None else (out, x.new_empty(0))
 
 
@@ -40,8 +59,7 @@ def _(x, weight, eps, residual, offset):
 @torch.library.custom_op("layerzero::triton_rope", mutates_args=())
 def rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str,
             interleaved: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    from ._triton_impl import rope as run
-    return run(q, k, cos, sin, layout, interleaved)
+    return _kernels().rope(q, k, cos, sin, layout, interleaved)
 
 
 @rope_op.register_fake
@@ -50,11 +68,15 @@ def _(q, k, cos, sin, layout, interleaved):
 
 
 def rms_norm(x, weight, eps, residual, offset):
+    if _eager(x):                              # no custom-op dispatch
+        return _kernels().rms_norm(x, weight, float(eps), residual, float(offset))
     y, s = rms_norm_op(x, weight, float(eps), residual, float(offset))
     return (y, s) if residual is not None else y
 
 
 def rope(q, k, cos, sin, layout, interleaved):
+    if _eager(q):
+        return _kernels().rope(q, k, cos, sin, layout, interleaved)
     return rope_op(q, k, cos, sin, layout, interleaved)
 
 
