@@ -8,7 +8,7 @@ import torch
 from layerzero import registry
 from layerzero.backends import priorities, torch_sdpa
 from layerzero.call import CallSpec
-from layerzero.policy import Policy
+from layerzero.policy import Policy, from_dict
 from layerzero.select import select
 
 
@@ -56,8 +56,8 @@ def test_call_kind(spec, kind):
     (attn(b=8, hq=32, hk=8, sq=8, sk=4096, causal=True, causal_align="bottom_right"),
      "flash_attn.fa4"),                                                      # speculative verify
     (attn(b=1, hq=32, hk=8, sq=512, sk=8192, causal=True, causal_align="bottom_right"),
-     "torch.sdpa"),                                                          # small chunked prefill
-    (attn(b=2, hq=16, hk=16, sq=1024, sk=1024, d=64, alibi=True), "torch.sdpa"),
+     "flash_attn.fa4"),                                                      # small chunked prefill
+    (attn(b=2, hq=16, hk=16, sq=1024, sk=1024, d=64, alibi=True), "flash_attn.fa2"),  # native ALiBi
     (attn(b=4, hq=32, hk=8, mask="bool", causal=True), "torch.flex"),
     (attn(b=64, hq=32, hk=8, sq=512, sk=512, causal=True), "torch.sdpa"),
 ])
@@ -79,6 +79,13 @@ def test_measured_h100_rules(monkeypatch):
     d = select(attn(b=8, sq=1024, sk=1024, mask="bool"), kernels, Policy())
     scores = {c.kernel: c.score for c in d.candidates if c.score is not None}
     assert scores["flashinfer.prefill"] < scores["torch.flex"]
+
+
+def test_small_masked_calls_prefer_sdpa_with_its_cached_mask_over_flex(monkeypatch):
+    pretend_available(monkeypatch)
+    spec = attn(b=2, hq=16, hk=16, sq=1024, sk=1024, d=64, alibi=True)     # ALiBi 2x1k d64
+    d = select(spec, registry.op_kernels("attention"), from_dict({"deny": [{"kernel": "flash_attn.fa2"}]}))
+    assert d.chosen == "torch.sdpa", str(d)
 
 
 def test_feature_calls_prefer_flex_over_sdpa_with_a_materialised_mask(monkeypatch):

@@ -56,9 +56,10 @@ _FEATURE = {"flash_attn.fa4": 75, "flash_attn.fa3": 73, "flash_attn.fa2": 70,
 _FEATURE_DECODE = {**_FEATURE, "flashinfer.decode": 80}
 # Little work, a mask SDPA takes (causal bottom-right, window, ALiBi, a padding mask without
 # causal): SDPA with the mask (cached when it comes from shapes or ALiBi slopes, see torch_sdpa)
-# beat the kernels that skip masked tiles but pay more per launch (chunked prefill 512 over 8k:
-# 0.223 vs FA4 0.289 ms; ALiBi 2x1k d64: 0.050 vs flex 0.174 ms).
-_FEATURE_SMALL = {**_FEATURE, "torch.sdpa": 80, "torch.sdpa_cudnn": 79}
+# beat the kernels that skip masked tiles but pay more per launch (ALiBi 2x1k d64: 0.048 vs flex
+# 0.174 ms); flash-attn, which takes causal/window natively, stays ahead (chunked prefill 512
+# over 8k: FA4 0.126 vs SDPA with the cached mask 0.227 ms).
+_FEATURE_SMALL = {**_FEATURE, "torch.sdpa": 68, "torch.sdpa_cudnn": 67}
 _KINDS = {"prefill": _PREFILL_HOPPER, "small": _SMALL, "decode": _DECODE, "feature": _FEATURE,
           "feature_decode": _FEATURE_DECODE, "feature_small": _FEATURE_SMALL}
 TABLES = {
