@@ -10,7 +10,7 @@ PyTorch formula where SDPA can't express the call (softcap, sinks). It prints pe
 speedup over SDPA, then the summary against issue 4's goals, and writes JSON and a PNG chart.
 
 Timing: CUDA events around a loop of calls (Python launch cost included, as a user pays it),
-median of 5 interleaved trials (each trial times every kernel, the lz call and the SDPA baseline
+median of 7 interleaved trials (each trial times every kernel, the lz call and the SDPA baseline
 once, in a rotated order, so clock drift hits all alike), after warm-up calls. Warm-up absorbs compiles and JIT (flash-attn-4's CuTe
 DSL, flex's torch.compile, FlashInfer's nvcc); a kernel whose warm-ups pass --max-compile-s is not
 timed on later calls (said so in the output), except LayerZero's own pick. Kernels that
@@ -161,7 +161,7 @@ def _loop(fn, n, cuda) -> float:
     return (time.perf_counter() - t0) * 1e3 / n
 
 
-def timer(fns: dict, device, min_time=0.02, trials=5) -> dict:
+def timer(fns: dict, device, min_time=0.02, trials=7) -> dict:
     """name -> median milliseconds per call. Interleaved: each of `trials` rounds times every
     function once (a loop of >= min_time seconds), in an order rotated per round, so GPU clock
     drift falls on all of them alike."""

@@ -47,8 +47,9 @@ def test_call_kind(spec, kind):
     (attn(causal=True), "flash_attn.fa4"),                                    # FIELD-NOTES row 1
     (attn(sm=100, b=2, hq=24, hk=24, sq=4096, sk=4096), "flash_attn.fa4"),
     (attn(sm=80, causal=True), "flash_attn.fa2"),                             # Ampere: no FA3/FA4
-    (attn(b=1, hq=8, hk=8, sq=128, sk=128), "torch.sdpa"),                    # launch overhead
-    (attn(b=64, hq=32, hk=8, sq=1, sk=4096), "torch.sdpa"),                   # decode (row 5)
+    (attn(b=1, hq=8, hk=8, sq=128, sk=128), "torch.sdpa_cudnn"),              # launch overhead
+    (attn(b=64, hq=32, hk=8, sq=1, sk=4096), "torch.sdpa_cudnn"),             # decode (row 5)
+    (attn(sm=80, b=64, hq=32, hk=8, sq=1, sk=4096), "torch.sdpa"),            # Ampere: not cuDNN
     (attn(window=(256, 0), causal=True), "flash_attn.fa4"),
     (attn(alibi=True, causal=True), "flash_attn.fa2"),                        # only FA2 has ALiBi
     (attn(b=8, hq=32, hk=8, sq=1, sk=8192, window=(1024, -1), causal_align="bottom_right"),
@@ -59,7 +60,7 @@ def test_call_kind(spec, kind):
      "flash_attn.fa4"),                                                      # small chunked prefill
     (attn(b=2, hq=16, hk=16, sq=1024, sk=1024, d=64, alibi=True), "flash_attn.fa2"),  # native ALiBi
     (attn(b=4, hq=32, hk=8, mask="bool", causal=True), "torch.flex"),
-    (attn(b=64, hq=32, hk=8, sq=512, sk=512, causal=True), "torch.sdpa"),
+    (attn(b=64, hq=32, hk=8, sq=512, sk=512, causal=True), "torch.sdpa_cudnn"),
 ])
 def test_h100_defaults_pick_the_measured_winner(monkeypatch, spec, winner):
     pretend_available(monkeypatch)
@@ -74,7 +75,7 @@ def test_measured_h100_rules(monkeypatch):
     kernels = registry.op_kernels("attention")
     small = attn(b=1, hq=32, hk=8, causal=True)                     # 1x2k GQA causal
     assert priorities.call_kind(small) == "small"
-    assert select(small, kernels, Policy()).chosen == "torch.sdpa"
+    assert select(small, kernels, Policy()).chosen == "torch.sdpa_cudnn"   # SDPA's pick, called directly
     assert select(attn(b=4, causal=True), kernels, Policy()).chosen == "flash_attn.fa4"
     d = select(attn(b=8, sq=1024, sk=1024, mask="bool"), kernels, Policy())
     scores = {c.kernel: c.score for c in d.candidates if c.score is not None}
@@ -185,3 +186,25 @@ def test_shape_masks_are_cached_per_shape_and_alibi_slopes():
     assert b2 is not b1 and torch.allclose(b2, 2 * b1)
     other = torch.tensor([0.5, 0.25])                # another tensor, same values: its own entry
     assert torch_sdpa.shape_mask(q, 4, 4, False, None, other, "top_left")[0] is not b1
+
+
+def test_cudnn_plain_path_calls_the_aten_op_directly(monkeypatch):
+    seen = []
+
+    def op(q, k, v, bias, lse, p, causal, debug, *, scale=None):
+        seen.append((bias, lse, p, causal, debug, scale))
+        return (q * 2, None)
+    monkeypatch.setattr(torch_sdpa, "_CUDNN_OP", op)
+    monkeypatch.setattr(torch_sdpa, "TORCH", (2, 11))
+    run = torch_sdpa.plain_cudnn(attn(hk=8, causal=True))
+    q = torch.randn(1, 4, 3, 8)
+    assert torch.equal(run(q, q, q, None, 0.0, True), q * 2)
+    assert torch.equal(run(q, q, q, None, 0.0, False, scale=0.5), q * 2)
+    assert seen == [(None, False, 0.0, True, False, None), (None, False, 0.0, False, False, 0.5)]
+    qg = q.clone().requires_grad_()
+    run(qg, q, q, None, 0.0, True)
+    assert seen[-1][1] is True                                  # backward needs the log-sum-exp
+    assert torch_sdpa.plain_cudnn(attn(dropout=True)) is None
+    assert torch_sdpa.plain_cudnn(attn(hk=8)._replace(device="cpu", sm=0)) is None
+    monkeypatch.setattr(torch_sdpa, "TORCH", (2, 10))            # GQA K/V as they are: 2.11+
+    assert torch_sdpa.plain_cudnn(attn(hk=8)) is None and torch_sdpa.plain_cudnn(attn()) is not None
