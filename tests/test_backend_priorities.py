@@ -208,3 +208,14 @@ def test_cudnn_plain_path_calls_the_aten_op_directly(monkeypatch):
     assert torch_sdpa.plain_cudnn(attn(hk=8)._replace(device="cpu", sm=0)) is None
     monkeypatch.setattr(torch_sdpa, "TORCH", (2, 10))            # GQA K/V as they are: 2.11+
     assert torch_sdpa.plain_cudnn(attn(hk=8)) is None and torch_sdpa.plain_cudnn(attn()) is not None
+
+
+def test_shape_mask_cache_is_bounded_in_bytes(monkeypatch):
+    monkeypatch.setattr(torch_sdpa, "_MASKS", {})
+    monkeypatch.setattr(torch_sdpa, "MASK_CACHE_TOTAL_BYTES", 3 * 64 * 64)   # three 64x64 bool masks
+    q = torch.randn(1, 1, 64, 8)
+    for sk in range(64, 70):
+        torch_sdpa.shape_mask(q, 64, sk, True, None, None, "bottom_right")
+    sizes = [m.numel() for m, _ in torch_sdpa._MASKS.values()]
+    assert sum(sizes) <= 3 * 64 * 64 and len(sizes) == 2                      # the newest ones kept
+    assert list(torch_sdpa._MASKS)[-1][1] == 69
