@@ -152,6 +152,20 @@ def test_custom_ops_trace_under_torch_compile(calls):
         assert hasattr(torch.ops.layerzero, name)
 
 
+def test_eager_calls_skip_the_custom_op_and_traced_calls_take_it(calls, monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = qkv(sq=6, sk=6)
+    through_op = []
+    monkeypatch.setitem(fa._EAGER, fa.fa4_op, lambda *a: through_op.append("direct") or fa.fa4_impl(*a))
+    fa.fa4(q, k, v, None, True, None, 0.0, None, None, None, None, "bhsd", "top_left")
+    assert through_op == ["direct"] and len(calls) == 1               # the stand-in ran once
+    with FakeTensorMode() as mode:                                     # e.g. export / make_fx
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        out = fa.fa4(fq, fk, fv, None, True, None, 0.0, None, None, None, None, "bhsd", "top_left")
+    assert out.shape == q.shape and through_op == ["direct"] and len(calls) == 1   # fake impl only
+
+
 def test_unavailable_without_the_package_and_never_imported():
     import sys
 
