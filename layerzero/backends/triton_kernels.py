@@ -64,7 +64,7 @@ def rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 @rope_op.register_fake
 def _(q, k, cos, sin, layout, interleaved):
-    return torch.empty_like(q), torch.empty_like(k)
+    return torch.empty_like(q), k.new_empty(k.shape)      # strides as the kernel's (see _triton_impl.rope)
 
 
 def rms_norm(x, weight, eps, residual, offset):
