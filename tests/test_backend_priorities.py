@@ -219,3 +219,13 @@ def test_shape_mask_cache_is_bounded_in_bytes(monkeypatch):
     sizes = [m.numel() for m, _ in torch_sdpa._MASKS.values()]
     assert sum(sizes) <= 3 * 64 * 64 and len(sizes) == 2                      # the newest ones kept
     assert list(torch_sdpa._MASKS)[-1][1] == 69
+
+
+def test_shape_masks_are_not_cached_while_traced(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    monkeypatch.setattr(torch_sdpa, "_MASKS", {})
+    with FakeTensorMode() as mode:
+        q = mode.from_tensor(torch.randn(1, 2, 4, 8))
+        m, empty = torch_sdpa.shape_mask(q, 4, 6, True, None, None, "bottom_right")
+        assert m.shape == (4, 6) and not empty
+    assert torch_sdpa._MASKS == {}                   # no fake tensor kept for eager calls

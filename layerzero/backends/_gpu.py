@@ -1,4 +1,5 @@
-"""Small helpers the GPU backends share: device/dtype reasons and Triton's CPU interpreter."""
+"""Small helpers the GPU backends share: device/dtype reasons, Triton's CPU interpreter, and
+whether a call is plain eager (not traced)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,18 @@ import os
 import torch
 
 HALF = (torch.float16, torch.bfloat16)
+
+
+# (torch >= 2.3 has torch.compiler.is_compiling; without it every call counts as traced)
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: True)
+_modes = getattr(torch._C, "_len_torch_dispatch_stack", None) or (lambda: 0)
+
+
+def eager(t) -> bool:
+    """A plain eager call: not traced by torch.compile/export, no dispatch mode active (make_fx,
+    FakeTensorMode) and `t` a plain tensor (no fake/functional subclass). Only such a call may
+    skip a custom op's dispatch, write into a fresh output in place, or use a cached tensor."""
+    return type(t) is torch.Tensor and not _compiling() and not _modes()
 
 
 def dtype_name(dt: torch.dtype) -> str:

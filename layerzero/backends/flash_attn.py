@@ -33,7 +33,7 @@ from .. import probe
 from ..call import device_sm
 from ..registry import register
 from . import priorities
-from ._gpu import HALF, cuda_reasons
+from ._gpu import HALF, cuda_reasons, eager
 
 _FA2, _FA3, _FA4 = "flash_attn.flash_attn_interface", "flash_attn_interface", "flash_attn.cute"
 
@@ -111,14 +111,6 @@ fa4_op = torch.library.custom_op("layerzero::fa4", fa4_impl, mutates_args=())
 _EAGER = {fa2_op: fa2_impl, fa3_op: fa3_impl, fa4_op: fa4_impl}
 for _op in (fa2_op, fa3_op, fa4_op):
     _op.register_fake(_fake)
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: True)
-_modes = getattr(torch._C, "_len_torch_dispatch_stack", None) or (lambda: 0)
-
-
-def _eager(t) -> bool:
-    """A plain eager call (as triton_kernels._eager): not traced by torch.compile/export, no
-    dispatch mode (make_fx, FakeTensorMode) active, a plain tensor. Anything else takes the op."""
-    return type(t) is torch.Tensor and not _is_compiling() and not _modes()
 
 
 # ---- kernels: lz.attention's arguments in, q's layout out ---------------------------------------
@@ -129,7 +121,7 @@ def _run(op, q, k, v, scale, is_causal, window, causal_align, layout, *extra):
     if isinstance(tw, str):
         raise ValueError(tw)  # supports() rejects these calls; reaching here is a bug
     causal, left, right = tw
-    run = _EAGER[op] if _eager(qb) else op
+    run = _EAGER[op] if eager(qb) else op
     out = run(qb, kb, vb, _scale(scale, q.shape[-1]), causal, left, right, *extra)
     return out.transpose(1, 2) if layout == "bhsd" else out
 

@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import reference
 from ..registry import register
 from . import priorities
+from ._gpu import eager
 from ._torch_version import TORCH
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -109,8 +110,8 @@ def shape_mask(q, sq, sk, is_causal, window, alibi_slopes, causal_align):
     """(explicit_mask without a caller's mask, whether it has empty rows), cached per shapes
     and per ALiBi slopes tensor (identity and version: an in-place edit rebuilds it)."""
     empty = has_empty_rows(sq, sk, is_causal, window, causal_align)
-    tracing = _compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
-    if tracing or (alibi_slopes is not None and alibi_slopes.requires_grad):
+    traced = not eager(q) or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    if traced or (alibi_slopes is not None and alibi_slopes.requires_grad):
         return explicit_mask(q, sq, sk, None, is_causal, window, alibi_slopes, causal_align), empty
     slopes = None if alibi_slopes is None else (id(alibi_slopes), alibi_slopes._version)
     key = (sq, sk, is_causal, window, causal_align, q.device, q.dtype, slopes)
@@ -124,11 +125,6 @@ def shape_mask(q, sq, sk, is_causal, window, alibi_slopes, causal_align):
             _MASKS.pop(next(iter(_MASKS)), None)
         _MASKS[key] = (mask, alibi_slopes)        # holding the slopes keeps their id unique
     return mask, empty
-
-
-def _compiling() -> bool:
-    f = getattr(torch.compiler, "is_compiling", None)
-    return bool(f and f())
 
 
 _sdpa_gqa = functools.partial(F.scaled_dot_product_attention, enable_gqa=True)
@@ -177,7 +173,7 @@ def zero_empty_rows(out, mask):
     output is fresh, so it is zeroed in place (one pass over it)."""
     empty = ~mask.any(-1, keepdim=True) if mask.dtype == torch.bool else \
         torch.isneginf(mask).all(-1, keepdim=True)                     # (.., Sq, 1)
-    if _compiling() or out.requires_grad:
+    if not eager(out) or out.requires_grad:
         return out.masked_fill(empty, 0.0)
     return out.masked_fill_(empty, 0.0)
 

@@ -18,20 +18,10 @@ import torch
 from .. import probe
 from ..registry import register
 from . import priorities
-from ._gpu import triton_reasons
+from ._gpu import eager, triton_reasons
 
 _IMPL = "layerzero.backends._triton_impl"
 _impl = None                                   # the _triton_impl module, once imported
-# (torch >= 2.3 has torch.compiler.is_compiling; without it every call takes the custom op)
-_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: True)
-_modes = getattr(torch._C, "_len_torch_dispatch_stack", None) or (lambda: 0)
-
-
-def _eager(t) -> bool:
-    """A plain eager call: not traced by torch.compile/export, no dispatch mode active (make_fx,
-    FakeTensorMode) and a plain tensor (no fake/functional subclass). Such a call runs the
-    kernel directly; any other goes through the custom op."""
-    return type(t) is torch.Tensor and not _compiling() and not _modes()
 
 
 def _kernels():
@@ -68,14 +58,14 @@ def _(q, k, cos, sin, layout, interleaved):
 
 
 def rms_norm(x, weight, eps, residual, offset):
-    if _eager(x):                              # no custom-op dispatch
+    if eager(x):                               # no custom-op dispatch
         return _kernels().rms_norm(x, weight, float(eps), residual, float(offset))
     y, s = rms_norm_op(x, weight, float(eps), residual, float(offset))
     return (y, s) if residual is not None else y
 
 
 def rope(q, k, cos, sin, layout, interleaved):
-    if _eager(q):
+    if eager(q):
         return _kernels().rope(q, k, cos, sin, layout, interleaved)
     return rope_op(q, k, cos, sin, layout, interleaved)
 
