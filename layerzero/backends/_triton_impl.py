@@ -17,6 +17,11 @@ import triton
 import triton.language as tl
 
 
+def _pow2(n):
+    """next power of 2 >= max(n, 1) (triton.next_power_of_2 costs ~2 us a call on the host)"""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 def _warps(block: int) -> int:
     return 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
 
@@ -58,7 +63,7 @@ def _lead3(t: torch.Tensor):
 def rms_norm(x, weight, eps, residual, offset):
     """y = (x [+ residual]) / rms * (offset + weight); returns y or (y, x + residual)."""
     n = x.shape[-1]
-    block = triton.next_power_of_2(n)
+    block = _pow2(n)
     xv, (_, d1, d2), xs = _lead3(x)
     rows = x.numel() // n
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -177,11 +182,6 @@ def _cs_strides(c, s_len):
     if c.dim() == 2:
         return (0, c.stride(0) if c.shape[0] == s_len else 0, c.stride(1))
     return (c.stride(0) if c.shape[0] > 1 else 0, c.stride(1) if c.shape[1] == s_len else 0, c.stride(2))
-
-
-def _pow2(n):
-    """next power of 2 >= max(n, 1) (triton.next_power_of_2 costs ~2 us a call on the host)"""
-    return 1 << (max(n, 1) - 1).bit_length()
 
 
 def _heads_block(h, block_half):

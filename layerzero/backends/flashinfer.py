@@ -328,7 +328,7 @@ register("attention", "flashinfer.prefill", prefill,
 register("attention", "flashinfer.decode", decode,
          priority=priorities.attention("flashinfer.decode", 50), supports=supports_decode,
          requires=(_MOD,))
-# H100, bf16 (scratch micro-benchmark, RESULTS.md): from ~8M elements FlashInfer's norm is the
+# H100, bf16 (benchmarks/kernels_micro.py, RESULTS.md): from ~8M elements FlashInfer's norm is the
 # fastest kernel with a cheap launch (8192x4096: 46.6 us against torch's fused 66.0; 110592x128,
 # Flux's q/k norm: 21.0 against 72.5); below, torch's launch cost wins (2048x2048: 15.3 vs 32.7).
 # With a residual our Triton kernel fuses the add (FlashInfer's fused form works in place).
