@@ -9,8 +9,9 @@ as lz.attention's contract says (SDPA without that is timed too and reported bes
 PyTorch formula where SDPA can't express the call (softcap, sinks). It prints per call LayerZero's pick, the oracle, t(lz)/t(oracle) and the
 speedup over SDPA, then the summary against issue 4's goals, and writes JSON and a PNG chart.
 
-Timing: CUDA events around a loop of calls (Python launch cost included, as a user pays it),
-median of 7 interleaved trials (each trial times every kernel, the lz call and the SDPA baseline
+Timing: under torch.inference_mode() (as inference runs; --grad times with grad mode on), CUDA
+events around a loop of calls (Python launch cost included, as a user pays it), median of 7
+interleaved trials (each trial times every kernel, the lz call and the SDPA baseline
 once, in a rotated order, so clock drift hits all alike), after warm-up calls. Warm-up absorbs compiles and JIT (flash-attn-4's CuTe
 DSL, flex's torch.compile, FlashInfer's nvcc); a kernel whose warm-ups pass --max-compile-s is not
 timed on later calls (said so in the output), except LayerZero's own pick. Kernels that
@@ -161,12 +162,13 @@ def _loop(fn, n, cuda) -> float:
     return (time.perf_counter() - t0) * 1e3 / n
 
 
-def timer(fns: dict, device, min_time=0.02, trials=7) -> dict:
+def timer(fns: dict, device, min_time=0.03, trials=7, max_calls=2000) -> dict:
     """name -> median milliseconds per call. Interleaved: each of `trials` rounds times every
-    function once (a loop of >= min_time seconds), in an order rotated per round, so GPU clock
-    drift falls on all of them alike."""
+    function once (a loop of >= min_time seconds, at most max_calls calls), in an order rotated
+    per round, so GPU clock drift falls on all of them alike. Host-bound calls of ~20 us thus run
+    ~1500 times a sample (a 200-call loop measured the same F.sdpa call 31 and 35 us)."""
     cuda = device == "cuda"
-    n = {k: max(1, min(200, int(min_time * 1e3 / max(_loop(f, 1, cuda), 1e-3)))) for k, f in fns.items()}
+    n = {k: max(1, min(max_calls, int(min_time * 1e3 / max(_loop(f, 1, cuda), 1e-3)))) for k, f in fns.items()}
     names, samples = list(fns), {k: [] for k in fns}
     for t in range(trials):
         for k in names[t % len(names):] + names[: t % len(names)]:
@@ -315,6 +317,8 @@ def main(argv=None) -> dict:
                     help="warm-up seconds per kernel after which it is no longer timed (JIT)")
     ap.add_argument("--max-seconds", type=float, default=330.0, help="stop starting new calls after this")
     ap.add_argument("--smoke", action="store_true", help="three tiny calls on the CPU")
+    ap.add_argument("--grad", action="store_true",
+                    help="time with grad mode on (default: under torch.inference_mode, as inference runs)")
     args = ap.parse_args(argv)
     args.dtype = getattr(torch, args.dtype) if not args.smoke else torch.float32
     args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
@@ -333,7 +337,8 @@ def main(argv=None) -> dict:
         if time.perf_counter() - t0 > args.max_seconds:
             print(f"{name:<30} not run: --max-seconds {args.max_seconds:g} reached")
             continue
-        r = bench_call(name, cat, shape, feats, args, spent)
+        with torch.inference_mode(not args.grad):
+            r = bench_call(name, cat, shape, feats, args, spent)
         r["device"] = device_name
         rows.append(r)
         print(f"{name:<30} {str(r['lz_pick']):<20} {r.get('oracle', '-'):<20} {r['lz_ms']:>8.3f} "
@@ -356,6 +361,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     result = {"benchmark": "attention", "device": device_name, "torch": torch.__version__,
               "cuda": torch.version.cuda, "dtype": str(args.dtype)[6:], "python": platform.python_version(),
+              "grad_mode": bool(args.grad),
               "kernels": {k.id: (k.available, k.reason) for k in lz.kernels("attention")},
               "warmup_seconds": {k: round(v, 1) for k, v in spent.items()},
               "summary": s, "calls": rows}

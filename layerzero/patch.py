@@ -114,7 +114,7 @@ def when_imported(name: str, callback: Callable) -> None:
 class Item:
     """One candidate: a module (or module-level function) LayerZero patched or left alone."""
     name: str                    # dotted module name, or "<modeling module>.<function>"
-    kind: str                    # "attention" | "norm" | "rope" | "mlp" | "experts"
+    kind: str                    # "attention" | "norm" | "rope" | "mlp" | "experts" | "cache"
     status: str                  # "patched" | "skipped"
     op: str | None = None        # the LayerZero op that now runs it
     detail: str = ""             # what was recognised, or why it was skipped
@@ -158,6 +158,14 @@ class Report:
 class _Record:
     report: Report
     undo: list[Callable] = field(default_factory=list)
+    finalizer: "weakref.finalize | None" = None   # releases shared globals if the model is dropped
+
+
+def _release_globals(fns: list) -> None:
+    """A patched model was garbage-collected without `unpatch`: drop its share of module-level
+    replacements (set_global), so they end with the last patched model either way."""
+    for fn in reversed(fns):
+        fn()
 
 
 _records: "weakref.WeakKeyDictionary[nn.Module, _Record]" = weakref.WeakKeyDictionary()
@@ -216,12 +224,18 @@ def set_global(module, name: str, value, undo: list) -> None:
             setattr(module, name, value)
         entry[1] += 1
 
+    done = []
+
     def restore():
         with _hook_lock:
+            if done:        # unpatch after the model's finalizer ran (or the reverse): once only
+                return
+            done.append(True)
             entry[1] -= 1
             if entry[1] == 0:
                 setattr(module, name, entry[0])
                 del _globals[key]
+    restore.releases_global = True
     undo.append(restore)
 
 
@@ -544,6 +558,8 @@ def patch(model, *, attention: bool = True, norm: bool = True, rope: bool = True
         for fn in reversed(rec.undo):
             fn()
         raise
+    rec.finalizer = weakref.finalize(model, _release_globals,
+                                     [f for f in rec.undo if getattr(f, "releases_global", False)])
     _records[model] = rec
     log.info("%s", rec.report)
     return rec.report
@@ -555,6 +571,8 @@ def unpatch(model) -> None:
     rec = _records.pop(model, None)
     if rec is None:
         return
+    if rec.finalizer is not None:
+        rec.finalizer.detach()
     for fn in reversed(rec.undo):
         fn()
 
@@ -613,7 +631,7 @@ def explain_model(model) -> ModelExplanation:
     rec = _records.get(model)
     decisions = [d for d in list(dispatch.decisions.values()) if d.chosen]
     rows = []
-    items = rec.report.patched if rec is not None else []
+    items = [i for i in rec.report.patched if i.op] if rec is not None else []
     if rec is None:
         from .integrations import transformers as hf
         items = hf.interface_items(model)  # attn_implementation="layerzero" without lz.patch

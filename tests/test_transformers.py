@@ -443,3 +443,45 @@ def test_auto_patch_switch():
     with lz.auto_patch(norm=False):
         m = cls._from_config(copy.deepcopy(cfg))
     assert all(i.kind != "norm" for i in lz.patch(m, norm=False).items)
+
+
+def test_dynamic_cache_first_update_without_copy():
+    """A patched model's DynamicCache stores the prompt's K/V as computed (no copy), only while a
+    patched model exists (reference-counted across models); generate() is unchanged."""
+    import gc
+    from transformers import cache_utils
+    gc.collect()    # models other tests left patched release their share when collected
+    own = cache_utils.DynamicLayer.update
+    assert not hasattr(own, "__wrapped__")
+    a, *_ = _build("llama")
+    b, *_ = _build("qwen2")
+    kw = _inputs("llama")
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    want = a.generate(**kw, **gen)
+    rep = lz.patch(a)
+    assert any(i.kind == "cache" and i.status == "patched" for i in rep.items), str(rep)
+    lz.patch(b)
+    assert cache_utils.DynamicLayer.update is not own
+    seen = []
+    orig_cat = torch.cat
+
+    def counting_cat(*args, **kwargs):
+        ts = args[0]
+        seen.append(len(ts) == 2 and ts[0].numel() == 0 and ts[1].numel() > 0)
+        return orig_cat(*args, **kwargs)
+    with torch.no_grad():
+        cache = cache_utils.DynamicCache(config=a.config)
+        torch.cat = counting_cat
+        try:
+            a(**kw, past_key_values=cache, use_cache=True)
+        finally:
+            torch.cat = orig_cat
+    layer = cache.layers[0]
+    assert layer.keys.shape[-2] == kw["input_ids"].shape[1] and layer.keys.numel() > 0
+    assert seen and not any(seen), "a first update copied K/V onto an empty tensor"
+    assert torch.equal(a.generate(**kw, **gen), want)
+    lz.unpatch(a)
+    assert cache_utils.DynamicLayer.update is not own   # b is still patched
+    lz.unpatch(b)
+    assert cache_utils.DynamicLayer.update is own
+    assert "cache" not in {r["op"] for r in lz.explain(a).rows}

@@ -129,6 +129,7 @@ def shape_mask(q, sq, sk, is_causal, window, alibi_slopes, causal_align):
 
 _sdpa_gqa = functools.partial(F.scaled_dot_product_attention, enable_gqa=True)
 _CUDNN_OP = getattr(torch, "_scaled_dot_product_cudnn_attention", None)
+_grad_enabled = torch._C.is_grad_enabled
 
 
 def plain_cudnn(spec):
@@ -142,7 +143,8 @@ def plain_cudnn(spec):
         return None
 
     def cudnn(q, k, v, attn_mask, dropout_p, is_causal, scale=None):
-        lse = q.requires_grad or k.requires_grad or v.requires_grad      # backward needs it
+        # backward needs the log-sum-exp (grad mode first: one call under inference_mode/no_grad)
+        lse = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         return _CUDNN_OP(q, k, v, None, lse, 0.0, is_causal, False, scale=scale)[0]
     return cudnn
 

@@ -379,6 +379,9 @@ def patch_model(model, report, undo, options) -> None:
     """The transformers-specific part of lz.patch: attention, RoPE, MoE experts' gating."""
     if options["attention"]:
         _patch_attention(model, report, undo)
+        if any(i.kind == "attention" and i.status == "patched" for i in report.items):
+            from .transformers_cache import patch_cache
+            patch_cache(report, undo)
     if options["rope"]:
         _patch_rope(model, report, undo)
     if options["mlp"]:
