@@ -9,9 +9,9 @@ as lz.attention's contract says (SDPA without that is timed too and reported bes
 PyTorch formula where SDPA can't express the call (softcap, sinks). It prints per call LayerZero's pick, the oracle, t(lz)/t(oracle) and the
 speedup over SDPA, then the summary against issue 4's goals, and writes JSON and a PNG chart.
 
-Timing: under torch.inference_mode() (as inference runs; --grad times with grad mode on), CUDA
-events around a loop of calls (Python launch cost included, as a user pays it), median of 7
-interleaved trials (each trial times every kernel, the lz call and the SDPA baseline
+Timing: under torch.no_grad() (as transformers' generate() runs; --grad times with grad mode on),
+garbage collection off during the timed loops (as timeit does), CUDA events around a loop of calls
+(Python launch cost included, as a user pays it), median of 7 interleaved trials (each trial times every kernel, the lz call and the SDPA baseline
 once, in a rotated order, so clock drift hits all alike), after warm-up calls. Warm-up absorbs compiles and JIT (flash-attn-4's CuTe
 DSL, flex's torch.compile, FlashInfer's nvcc); a kernel whose warm-ups pass --max-compile-s is not
 timed on later calls (said so in the output), except LayerZero's own pick. Kernels that
@@ -23,6 +23,7 @@ materialise the scores (SDPA math, the reference) are skipped on calls where tha
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -170,9 +171,16 @@ def timer(fns: dict, device, min_time=0.03, trials=7, max_calls=2000) -> dict:
     cuda = device == "cuda"
     n = {k: max(1, min(max_calls, int(min_time * 1e3 / max(_loop(f, 1, cuda), 1e-3)))) for k, f in fns.items()}
     names, samples = list(fns), {k: [] for k in fns}
-    for t in range(trials):
-        for k in names[t % len(names):] + names[: t % len(names)]:
-            samples[k].append(_loop(fns[k], n[k], cuda))
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for t in range(trials):
+            for k in names[t % len(names):] + names[: t % len(names)]:
+                samples[k].append(_loop(fns[k], n[k], cuda))
+    finally:
+        if was:
+            gc.enable()
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -318,7 +326,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-seconds", type=float, default=330.0, help="stop starting new calls after this")
     ap.add_argument("--smoke", action="store_true", help="three tiny calls on the CPU")
     ap.add_argument("--grad", action="store_true",
-                    help="time with grad mode on (default: under torch.inference_mode, as inference runs)")
+                    help="time with grad mode on (default: under torch.no_grad, as generate() runs)")
     args = ap.parse_args(argv)
     args.dtype = getattr(torch, args.dtype) if not args.smoke else torch.float32
     args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
@@ -337,7 +345,7 @@ def main(argv=None) -> dict:
         if time.perf_counter() - t0 > args.max_seconds:
             print(f"{name:<30} not run: --max-seconds {args.max_seconds:g} reached")
             continue
-        with torch.inference_mode(not args.grad):
+        with torch.set_grad_enabled(args.grad):
             r = bench_call(name, cat, shape, feats, args, spent)
         r["device"] = device_name
         rows.append(r)

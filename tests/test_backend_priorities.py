@@ -2,10 +2,13 @@
 select.py's score), and the CUDA reasons of the SDPA kernels, on described calls (no GPU)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from layerzero import registry
+import layerzero as lz
+from layerzero import reference, registry
 from layerzero.backends import priorities, torch_sdpa
 from layerzero.call import CallSpec
 from layerzero.policy import Policy, from_dict
@@ -47,8 +50,8 @@ def test_call_kind(spec, kind):
     (attn(causal=True), "flash_attn.fa4"),                                    # FIELD-NOTES row 1
     (attn(sm=100, b=2, hq=24, hk=24, sq=4096, sk=4096), "flash_attn.fa4"),
     (attn(sm=80, causal=True), "flash_attn.fa2"),                             # Ampere: no FA3/FA4
-    (attn(b=1, hq=8, hk=8, sq=128, sk=128), "torch.sdpa_cudnn"),              # launch overhead
-    (attn(b=64, hq=32, hk=8, sq=1, sk=4096), "torch.sdpa_cudnn"),             # decode (row 5)
+    (attn(b=1, hq=8, hk=8, sq=128, sk=128), "torch.sdpa"),                    # launch overhead
+    (attn(b=64, hq=32, hk=8, sq=1, sk=4096), "torch.sdpa"),                   # decode (row 5)
     (attn(sm=80, b=64, hq=32, hk=8, sq=1, sk=4096), "torch.sdpa"),            # Ampere: not cuDNN
     (attn(window=(256, 0), causal=True), "flash_attn.fa4"),
     (attn(alibi=True, causal=True), "flash_attn.fa2"),                        # only FA2 has ALiBi
@@ -60,7 +63,7 @@ def test_call_kind(spec, kind):
      "flash_attn.fa4"),                                                      # small chunked prefill
     (attn(b=2, hq=16, hk=16, sq=1024, sk=1024, d=64, alibi=True), "flash_attn.fa2"),  # native ALiBi
     (attn(b=4, hq=32, hk=8, mask="bool", causal=True), "torch.flex"),
-    (attn(b=64, hq=32, hk=8, sq=512, sk=512, causal=True), "torch.sdpa_cudnn"),
+    (attn(b=64, hq=32, hk=8, sq=512, sk=512, causal=True), "torch.sdpa"),
 ])
 def test_h100_defaults_pick_the_measured_winner(monkeypatch, spec, winner):
     pretend_available(monkeypatch)
@@ -75,7 +78,7 @@ def test_measured_h100_rules(monkeypatch):
     kernels = registry.op_kernels("attention")
     small = attn(b=1, hq=32, hk=8, causal=True)                     # 1x2k GQA causal
     assert priorities.call_kind(small) == "small"
-    assert select(small, kernels, Policy()).chosen == "torch.sdpa_cudnn"   # SDPA's pick, called directly
+    assert select(small, kernels, Policy()).chosen == "torch.sdpa"   # F.sdpa itself (cuDNN on Hopper)
     assert select(attn(b=4, causal=True), kernels, Policy()).chosen == "flash_attn.fa4"
     d = select(attn(b=8, sq=1024, sk=1024, mask="bool"), kernels, Policy())
     scores = {c.kernel: c.score for c in d.candidates if c.score is not None}
@@ -113,6 +116,17 @@ def test_norm_priority_by_size():
     assert p(big) > 50 > p(big._replace(batch=8))              # torch.rms_norm is 50
     assert p(big._replace(flags=frozenset({"residual"}))) > registry.get("liger.rms_norm").priority(big)
     assert p(big._replace(device="cpu", sm=0)) == 1
+
+
+@pytest.mark.parametrize("rows,hidden,winner", [
+    (2048, 2048, "torch.rms_norm"),     # 4M elements: two cheap torch launches (19.9 vs 47.5 us)
+    (8192, 4096, "triton.rms_norm"),    # 32M: one fused pass (98.1 vs 131.5 us), H100 measured
+])
+def test_residual_rms_norm_by_size(monkeypatch, rows, hidden, winner):
+    pretend_available(monkeypatch)
+    spec = CallSpec("rms_norm", "cuda", 90, torch.bfloat16, batch=rows, head_dim=hidden,
+                    flags=frozenset({"residual"}))
+    assert select(spec, registry.op_kernels("rms_norm"), Policy()).chosen == winner
 
 
 def test_register_takes_a_callable_priority_and_rejects_junk():
@@ -186,6 +200,23 @@ def test_shape_masks_are_cached_per_shape_and_alibi_slopes():
     assert b2 is not b1 and torch.allclose(b2, 2 * b1)
     other = torch.tensor([0.5, 0.25])                # another tensor, same values: its own entry
     assert torch_sdpa.shape_mask(q, 4, 4, False, None, other, "top_left")[0] is not b1
+
+
+def test_alibi_slopes_made_under_inference_mode_are_not_cached():
+    """An inference tensor has no version counter (an in-place edit can't be seen): no cache, and
+    lz.attention still runs on SDPA (no fallback) and matches the reference."""
+    with torch.inference_mode():
+        q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+        slopes = torch.tensor([0.5, 0.25])
+        m1, _ = torch_sdpa.shape_mask(q, 5, 5, False, None, slopes, "top_left")
+        assert torch_sdpa.shape_mask(q, 5, 5, False, None, slopes, "top_left")[0] is not m1
+        lz.reset_metrics()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = lz.attention(q, k, v, alibi_slopes=slopes)
+        assert lz.metrics()["fallbacks"] == {}
+        ref = reference.attention(q.double(), k.double(), v.double(), alibi_slopes=slopes.double())
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_cudnn_plain_path_calls_the_aten_op_directly(monkeypatch):

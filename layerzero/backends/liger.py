@@ -119,7 +119,7 @@ if dev:
     LigerRMSNormFunction.apply(x, torch.ones(64, device=dev, dtype=torch.bfloat16), 1e-6, 0.0, "gemma", False)
 """, ("liger-kernel", "triton"), needs="cuda_or_interpreter")
 
-_big = priorities.by_size(60, 45)
+_big = priorities.by_size(60, 45, min_elems=1 << 23)
 # The gated activations have a torch form of two elementwise kernels (reference.swiglu, priority
 # 0); Liger's one pass saves ~40% of their GPU time but its launch costs ~40 us more host time,
 # which pays only from ~32M elements (a 64 MB bf16 gate) up; below, plain torch runs them.

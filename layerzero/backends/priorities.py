@@ -62,13 +62,13 @@ _FEATURE_DECODE = {**_FEATURE, "flashinfer.decode": 80}
 _FEATURE_SMALL = {**_FEATURE, "torch.sdpa": 68, "torch.sdpa_cudnn": 67}
 _KINDS = {"prefill": _PREFILL_HOPPER, "small": _SMALL, "decode": _DECODE, "feature": _FEATURE,
           "feature_decode": _FEATURE_DECODE, "feature_small": _FEATURE_SMALL}
-# Hopper/Blackwell: SDPA's default picks cuDNN for small and decode calls; torch.sdpa_cudnn runs
-# that same kernel without SDPA's per-call re-selection (torch_sdpa.plain_cudnn), so it goes first.
-_CUDNN_FIRST = {**_KINDS, "small": {**_SMALL, "torch.sdpa_cudnn": 61},
-                "decode": {**_DECODE, "torch.sdpa_cudnn": 57}}
+# Small and decode calls on Hopper/Blackwell: SDPA's own choice (cuDNN there) through
+# F.scaled_dot_product_attention itself. The direct path to aten's cuDNN op (torch.sdpa_cudnn's
+# plain path) skips SDPA's re-selection but returns 9 outputs to Python: 23 vs 19 us a call for
+# 1x512 GQA causal on the H100 host under no_grad (benchmarks/results/attention_h100.txt).
 TABLES = {
-    "hopper": _CUDNN_FIRST,
-    "blackwell": {**_CUDNN_FIRST, "prefill": {**_PREFILL_HOPPER, "flash_attn.fa4": 75}},
+    "hopper": _KINDS,
+    "blackwell": {**_KINDS, "prefill": {**_PREFILL_HOPPER, "flash_attn.fa4": 75}},
     # Ampere/Ada: SDPA's default is its flash kernel (FA2 code); cuDNN isn't preferred there.
     "ampere": {**_KINDS, "prefill": {**_PREFILL_HOPPER, "flash_attn.fa2": 60, "torch.sdpa_cudnn": 40}},
     "other": {**_KINDS, "prefill": {}},

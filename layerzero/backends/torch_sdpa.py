@@ -111,7 +111,9 @@ def shape_mask(q, sq, sk, is_causal, window, alibi_slopes, causal_align):
     and per ALiBi slopes tensor (identity and version: an in-place edit rebuilds it)."""
     empty = has_empty_rows(sq, sk, is_causal, window, causal_align)
     traced = not eager(q) or (q.is_cuda and torch.cuda.is_current_stream_capturing())
-    if traced or (alibi_slopes is not None and alibi_slopes.requires_grad):
+    # slopes needing grad, or made under inference_mode (no version counter to see an in-place
+    # edit by), get a fresh mask every call
+    if traced or (alibi_slopes is not None and (alibi_slopes.requires_grad or alibi_slopes.is_inference())):
         return explicit_mask(q, sq, sk, None, is_causal, window, alibi_slopes, causal_align), empty
     slopes = None if alibi_slopes is None else (id(alibi_slopes), alibi_slopes._version)
     key = (sq, sk, is_causal, window, causal_align, q.device, q.dtype, slopes)

@@ -90,7 +90,7 @@ if dev:
 
 # With a residual the fused kernel does 2 reads + 2 writes where torch does 3 + 2: it comes
 # first there; without one, Liger's tuned kernel does (see priorities.by_size for small tensors).
-register("rms_norm", "triton.rms_norm", rms_norm, priority=priorities.by_size(58, 44, residual=62),
+register("rms_norm", "triton.rms_norm", rms_norm, priority=priorities.by_size(58, 44, min_elems=1 << 23, residual=62),
          supports=supports_rms, requires=(_IMPL,))
 register("rope", "triton.rope", rope, priority=priorities.gpu_only(60), supports=supports_rope,
          requires=(_IMPL,))
