@@ -114,7 +114,7 @@ def when_imported(name: str, callback: Callable) -> None:
 class Item:
     """One candidate: a module (or module-level function) LayerZero patched or left alone."""
     name: str                    # dotted module name, or "<modeling module>.<function>"
-    kind: str                    # "attention" | "norm" | "rope" | "mlp" | "experts" | "cache"
+    kind: str                    # "attention" | "norm" | "rope" | "mlp" | "experts" | "cache" | "residual"
     status: str                  # "patched" | "skipped"
     op: str | None = None        # the LayerZero op that now runs it
     detail: str = ""             # what was recognised, or why it was skipped
@@ -335,6 +335,7 @@ def _norm_forward(op: str, eps_attr: str, offset: float, fns=None):
                     return original(x)
                 return ln(x, w, b, getattr(self, eps_attr))
         forward.__name__ = f"lz_{op}_forward"
+        forward.lz_norm = (op, eps_attr, offset)        # read by patch_residual
         return forward
     return make
 
@@ -444,6 +445,7 @@ def _mlp_forward(fused: bool, act_attr: str, gate_fn):
             def forward(self, x):
                 return self.down_proj(gate_fn(self.gate_proj(x), self.up_proj(x)))
         forward.__name__ = "lz_gated_mlp_forward"
+        forward.lz_gated = (fused, gate_fn)              # read by patch_residual
         return forward
     return make
 
@@ -554,6 +556,9 @@ def patch(model, *, attention: bool = True, norm: bool = True, rope: bool = True
                 _patch_mlp(name, m, rec.report, rec.undo)
             else:
                 rec.report.untouched[type(m).__name__] += 1
+        if norm:
+            from .patch_residual import patch_blocks
+            patch_blocks(model, rec.report, rec.undo)
     except BaseException:
         for fn in reversed(rec.undo):
             fn()
