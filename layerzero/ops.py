@@ -71,7 +71,9 @@ def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, dropout_p
     if e is not None and not _breakers:
         try:
             if e.plain is not None:  # F.scaled_dot_product_attention's own signature
-                out = (e.plain(q, k, v, None, dropout_p, is_causal) if scale is None
+                # defaults left out: each argument SDPA's binding parses costs host time
+                # (H100 host: 17.2 us a 1x512 call with is_causal= alone, 17.7 with None, 0.0 too)
+                out = (e.plain(q, k, v, is_causal=is_causal) if scale is None and not dropout_p
                        else e.plain(q, k, v, None, dropout_p, is_causal, scale=scale))
             elif k.dtype is not q.dtype or v.dtype is not q.dtype:
                 raise TypeError("k/v dtype differs from q's")

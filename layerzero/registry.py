@@ -63,7 +63,8 @@ def register(op: str, kernel_id: str, fn: Callable | None = None, *, priority: i
     `priority` is an int or `priority(spec) -> int` (a pure function of the call description,
     e.g. per GPU generation and shape; see backends/priorities.py).
     `plain(spec)` (attention only) may return a function with F.scaled_dot_product_attention's
-    signature `(q, k, v, attn_mask, dropout_p, is_causal, scale=)`, which the op then calls
+    signature and defaults `(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None)`
+    (called as `(q, k, v, is_causal=...)` when the rest are defaults), which the op then calls
     directly for calls SDPA expresses as they are (`call.sdpa_expressible`): no adapter frame.
     Registering an id twice raises unless `replace=True`.
     """

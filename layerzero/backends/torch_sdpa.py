@@ -144,7 +144,7 @@ def plain_cudnn(spec):
             or (spec.num_heads != spec.num_kv_heads and TORCH < (2, 11))):
         return None
 
-    def cudnn(q, k, v, attn_mask, dropout_p, is_causal, scale=None):
+    def cudnn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
         # backward needs the log-sum-exp (grad mode first: one call under inference_mode/no_grad)
         lse = _grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         return _CUDNN_OP(q, k, v, None, lse, 0.0, is_causal, False, scale=scale)[0]
