@@ -45,7 +45,8 @@ def _plain_linear(m) -> bool:
 
 
 def mlp_residual(mlp, x, h):
-    """h + mlp(x), with the add done by the down projection's GEMM where it can be."""
+    """h + mlp(x), with the add done by the down projection's GEMM where it can be. `h` must be
+    a tensor the caller owns (it may be updated in place)."""
     info = _tag(mlp, "lz_gated")
     down = getattr(mlp, "down_proj", None)
     if info is None or not _plain_linear(down) or down.weight.dtype != h.dtype or x.dim() < 2:
@@ -56,8 +57,12 @@ def mlp_residual(mlp, x, h):
     else:
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
     act = gate_fn(gate, up)
-    out = torch.addmm(h.reshape(-1, h.shape[-1]), act.reshape(-1, act.shape[-1]), down.weight.t())
-    return out.view(h.shape)
+    h2, a2 = h.view(-1, h.shape[-1]), act.view(-1, act.shape[-1])
+    if torch.is_grad_enabled() and (h.requires_grad or act.requires_grad):
+        return torch.addmm(h2, a2, down.weight.t()).view(h.shape)
+    # in place: h is the block's own fresh sum (the fused norm's residual output); out of place,
+    # addmm first copies it into its result (a 64 MB device copy for 8192 x 4096 bf16)
+    return h2.addmm_(a2, down.weight.t()).view(h.shape)
 
 
 def _block_forward(eps_attr: str, offset: float, unfused: bool = False):

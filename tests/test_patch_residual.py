@@ -104,16 +104,20 @@ def test_prenorm_layers_fold_both_residual_adds_and_match():
     item = _item(rep)
     assert item.status == "patched" and "down_proj GEMM" in item.detail, str(rep)
     calls = []
-    real = torch.addmm
+    real = torch.Tensor.addmm_
     lz.reset_metrics()
     try:
-        torch.addmm = lambda *a, **k: calls.append(1) or real(*a, **k)
+        torch.Tensor.addmm_ = lambda *a, **k: calls.append(1) or real(*a, **k)
         with torch.no_grad():
             got = model(x, position_embeddings=0.5)
     finally:
-        torch.addmm = real
+        torch.Tensor.addmm_ = real
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert len(calls) == 2                                  # one down projection per layer
+    assert len(calls) == 2                                  # one down projection per layer, in place
+    xg = x.clone().requires_grad_()                         # grad mode and inputs needing grad:
+    with torch.enable_grad():                               # out of place, backward works
+        model(xg, position_embeddings=0.5).sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
     assert lz.metrics()["calls"]["rms_norm"]               # the fused norms ran through LayerZero
     lz.unpatch(model)
     assert "forward" not in vars(model.layers[0])

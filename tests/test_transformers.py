@@ -485,3 +485,20 @@ def test_dynamic_cache_first_update_without_copy():
     lz.unpatch(b)
     assert cache_utils.DynamicLayer.update is own
     assert "cache" not in {r["op"] for r in lz.explain(a).rows}
+
+
+def test_cache_patch_checks_the_layer_keeps_no_other_state():
+    """A DynamicLayer whose update also counts tokens would count 0 for the first update through
+    the no-copy path: the state probe finds that, and such a version is left alone."""
+    from transformers import cache_utils
+    from layerzero.integrations import transformers_cache as tc
+
+    class Counting(cache_utils.DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.tokens = getattr(self, "tokens", 0) + key_states.shape[-2]
+            return super().update(key_states, value_states, *args, **kwargs)
+    assert tc.same_state(cache_utils.DynamicLayer, cache_utils.DynamicLayer.update,
+                         tc.first_update_without_copy(cache_utils.DynamicLayer,
+                                                      cache_utils.DynamicLayer.update)) is None
+    why = tc.same_state(Counting, Counting.update, tc.first_update_without_copy(Counting, Counting.update))
+    assert why and "tokens" in why
