@@ -39,17 +39,22 @@ def _tag(module, name: str):
 
 
 def _plain_linear(m) -> bool:
-    return (type(m) is nn.Linear and m.bias is None and not m._forward_hooks
-            and not m._forward_pre_hooks and getattr(m, "_hf_hook", None) is None
-            and m.weight.device.type != "meta")
+    """A bias-free nn.Linear without hooks and with its weight present. Per call, so read through
+    the module's dicts: nn.Module.__getattr__ (and a getattr default's AttributeError) cost
+    microseconds of host time in every decoder layer."""
+    if type(m) is not nn.Linear:
+        return False
+    p = m._parameters
+    return (p.get("bias") is None and not m._forward_hooks and not m._forward_pre_hooks
+            and "_hf_hook" not in m.__dict__ and not p["weight"].is_meta)
 
 
 def mlp_residual(mlp, x, h):
     """h + mlp(x), with the add done by the down projection's GEMM where it can be. `h` must be
     a tensor the caller owns (it may be updated in place)."""
     info = _tag(mlp, "lz_gated")
-    down = getattr(mlp, "down_proj", None)
-    if info is None or not _plain_linear(down) or down.weight.dtype != h.dtype or x.dim() < 2:
+    down = mlp._modules.get("down_proj")
+    if info is None or not _plain_linear(down) or down._parameters["weight"].dtype != h.dtype or x.dim() < 2:
         return h + mlp(x)
     fused, gate_fn = info
     if fused:
@@ -59,10 +64,10 @@ def mlp_residual(mlp, x, h):
     act = gate_fn(gate, up)
     h2, a2 = h.view(-1, h.shape[-1]), act.view(-1, act.shape[-1])
     if torch.is_grad_enabled() and (h.requires_grad or act.requires_grad):
-        return torch.addmm(h2, a2, down.weight.t()).view(h.shape)
+        return torch.addmm(h2, a2, down._parameters["weight"].t()).view(h.shape)
     # in place: h is the block's own fresh sum (the fused norm's residual output); out of place,
     # addmm first copies it into its result (a 64 MB device copy for 8192 x 4096 bf16)
-    return h2.addmm_(a2, down.weight.t()).view(h.shape)
+    return h2.addmm_(a2, down._parameters["weight"].t()).view(h.shape)
 
 
 def _block_forward(eps_attr: str, offset: float, unfused: bool = False):
