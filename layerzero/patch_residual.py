@@ -57,10 +57,11 @@ def mlp_residual(mlp, x, h):
     if info is None or not _plain_linear(down) or down._parameters["weight"].dtype != h.dtype or x.dim() < 2:
         return h + mlp(x)
     fused, gate_fn = info
+    mods = mlp._modules
     if fused:
-        gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+        gate, up = mods["gate_up_proj"](x).chunk(2, dim=-1)
     else:
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+        gate, up = mods["gate_proj"](x), mods["up_proj"](x)
     act = gate_fn(gate, up)
     h2, a2 = h.view(-1, h.shape[-1]), act.view(-1, act.shape[-1])
     if torch.is_grad_enabled() and (h.requires_grad or act.requires_grad):
@@ -79,16 +80,18 @@ def _block_forward(eps_attr: str, offset: float, unfused: bool = False):
                 # a calling convention the probe did not check, or training (dropout) mode
                 return original(*args, **kwargs)
             h = args[0]
-            out = self.self_attn(hidden_states=self.input_layernorm(h), **kwargs)
+            mods = self._modules        # not nn.Module.__getattr__: host time in every layer
+            out = mods["self_attn"](hidden_states=mods["input_layernorm"](h), **kwargs)
             a = out[0] if isinstance(out, tuple) else out
-            post = self.post_attention_layernorm
-            w = getattr(post, "weight", None)
+            post, mlp = mods["post_attention_layernorm"], mods["mlp"]
+            params = post._parameters
+            w = params["weight"] if "weight" in params else getattr(post, "weight", None)
             if unfused or not isinstance(a, torch.Tensor) or a.shape != h.shape or (
                     w is not None and w.dtype != a.dtype):
                 h = h + a
-                return h + self.mlp(post(h))
+                return h + mlp(post(h))
             x, h = ops.rms_norm(a, w, getattr(post, eps_attr), residual=h, offset=offset)
-            return mlp_residual(self.mlp, x, h)
+            return mlp_residual(mlp, x, h)
         forward.__name__ = "lz_prenorm_block_forward"
         return forward
     return make

@@ -154,3 +154,4 @@ def test_mlp_residual_without_lz_mlp_is_an_add():
     mlp, x, h = MLP(), torch.randn(3, H), torch.randn(3, H)
     with torch.no_grad():
         torch.testing.assert_close(patch_residual.mlp_residual(mlp, x, h), h + mlp(x))
+
