@@ -7,7 +7,8 @@ exists, a layer's first update stores the given tensors themselves instead, when
 its whole storage (so the cache never keeps a larger buffer, such as a fused QKV projection's
 output, alive). Later updates concatenate as before (the result no longer aliases the first
 tensors); values are identical either way. Subclasses (sliding-window, indexed, quantized layers)
-keep their own rules, and a traced call (torch.compile) takes transformers' path.
+keep their own rules, and a call that is not plain eager (`backends._gpu.eager`: traced by
+torch.compile, under a dispatch mode, a tensor subclass) takes transformers' path.
 
 `DynamicLayer.update` is a class attribute, so this is reference-counted across patched models
 (`set_global`): it is put back when the last one is unpatched.
@@ -16,13 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..backends._gpu import eager
 from ..patch import original_global, set_global
-
-try:
-    _compiling = torch.compiler.is_compiling
-except AttributeError:  # torch < 2.3
-    def _compiling() -> bool:
-        return False
 
 
 def owns_storage(t: torch.Tensor) -> bool:
@@ -34,8 +30,7 @@ def owns_storage(t: torch.Tensor) -> bool:
 def first_update_without_copy(layer_cls, original):
     """`layer_cls.update` storing a first update's K/V as given (see the module docstring)."""
     def update(self, key_states, value_states, *args, **kwargs):
-        if (not self.is_initialized and type(self) is layer_cls and not _compiling()
-                and isinstance(key_states, torch.Tensor) and isinstance(value_states, torch.Tensor)
+        if (not self.is_initialized and type(self) is layer_cls and eager(key_states) and eager(value_states)
                 and owns_storage(key_states) and owns_storage(value_states)):
             # transformers' own lazy initialisation (device, dtype, flags), on empty slices
             # (narrow: an Ellipsis index costs ~2 us of host time)
