@@ -49,14 +49,21 @@ def _plain_linear(m) -> bool:
             and "_hf_hook" not in m.__dict__ and not p["weight"].is_meta)
 
 
+def _addmm_plan(mlp):
+    """(fused gate_up, gate function, down projection weight) when the residual add can ride on
+    the down projection's GEMM (LayerZero's gated MLP, a plain bias-free Linear), else None."""
+    info = _tag(mlp, "lz_gated")
+    down = mlp._modules.get("down_proj")
+    return (*info, down._parameters["weight"]) if info is not None and _plain_linear(down) else None
+
+
 def mlp_residual(mlp, x, h):
     """h + mlp(x), with the add done by the down projection's GEMM where it can be. `h` must be
     a tensor the caller owns (it may be updated in place)."""
-    info = _tag(mlp, "lz_gated")
-    down = mlp._modules.get("down_proj")
-    if info is None or not _plain_linear(down) or down._parameters["weight"].dtype != h.dtype or x.dim() < 2:
+    plan = _addmm_plan(mlp)
+    if plan is None or plan[2].dtype != h.dtype or x.dim() < 2:
         return h + mlp(x)
-    fused, gate_fn = info
+    fused, gate_fn, w = plan
     mods = mlp._modules
     if fused:
         gate, up = mods["gate_up_proj"](x).chunk(2, dim=-1)
@@ -65,10 +72,10 @@ def mlp_residual(mlp, x, h):
     act = gate_fn(gate, up)
     h2, a2 = h.view(-1, h.shape[-1]), act.view(-1, act.shape[-1])
     if torch.is_grad_enabled() and (h.requires_grad or act.requires_grad):
-        return torch.addmm(h2, a2, down._parameters["weight"].t()).view(h.shape)
+        return torch.addmm(h2, a2, w.t()).view(h.shape)
     # in place: h is the block's own fresh sum (the fused norm's residual output); out of place,
     # addmm first copies it into its result (a 64 MB device copy for 8192 x 4096 bf16)
-    return h2.addmm_(a2, down._parameters["weight"].t()).view(h.shape)
+    return h2.addmm_(a2, w.t()).view(h.shape)
 
 
 def _block_forward(eps_attr: str, offset: float, unfused: bool = False):
@@ -181,8 +188,7 @@ def patch_blocks(model: nn.Module, report, undo: list) -> None:
             continue
         _, eps_attr, offset = info
         swap_forward(m, _block_forward(eps_attr, offset), undo)
-        down = "down_proj GEMM" if _tag(m.mlp, "lz_gated") and _plain_linear(getattr(m.mlp, "down_proj", None)) \
-            else "an add"
+        down = "down_proj GEMM" if _addmm_plan(m.mlp) is not None else "an add"
         report.add(name, "residual", "patched", None,
                    f"{cls}: attention residual fused into post_attention_layernorm (rms_norm residual=), "
                    f"MLP residual into {down}")
