@@ -49,8 +49,9 @@ def supports_rms(spec) -> list[str]:
 
 
 def rms_priority(spec) -> int:
-    """50; on CUDA with torch's fused kernel and no offset, 61 (57 with a residual): ahead of Liger's and our Triton kernels, whose Python launch costs several
-    times torch's (see priorities.by_size) for the same one pass over the row."""
+    """50; on CUDA with torch's fused kernel and no offset, 61 (57 with a residual): ahead of
+    Liger's and our Triton kernels, whose Python launch costs several times torch's (see
+    priorities.by_size) for the same one pass over the row."""
     if spec.device == "cuda" and _FUSED_RMS and "offset" not in spec.flags:
         # with a residual: torch's add, then the fused kernel (two cheap launches), ahead of the
         # one-pass Triton/Liger kernels below their size thresholds (1x2048x2048 bf16 on the

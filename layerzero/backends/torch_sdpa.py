@@ -135,11 +135,12 @@ _grad_enabled = torch._C.is_grad_enabled
 
 
 def plain_cudnn(spec):
-    """torch.sdpa_cudnn's plain path (see registry.plain): the call SDPA would route to cuDNN,
-    straight to aten's cuDNN op. The decision is made, so SDPA's re-selection per call is
-    host time saved: 19.0 vs 20.8 us a call (1x512 GQA causal), 23.7 vs 28.9 us (GQA decode
-    over 1k keys) on the H100 host, torch 2.11. The op takes GQA K/V as they are on torch
-    >= 2.11 (checked there against SDPA); older torch keeps the sdpa_kernel path."""
+    """torch.sdpa_cudnn's plain path (see registry.plain): when that kernel is chosen (locked,
+    `lz.use`, or ranked first), the call goes straight to aten's cuDNN op instead of through the
+    sdpa_kernel context manager. Not cheaper than SDPA's own path: the op returns 9 outputs to
+    Python (23 vs 19 us a 1x512 GQA causal call on the H100 host under no_grad), which is why
+    torch.sdpa ranks first for small calls (priorities.TABLES). The op takes GQA K/V as they
+    are on torch >= 2.11 (checked there against SDPA); older torch keeps the sdpa_kernel path."""
     if (_CUDNN_OP is None or spec.device != "cuda" or spec.dropout
             or (spec.num_heads != spec.num_kv_heads and TORCH < (2, 11))):
         return None
