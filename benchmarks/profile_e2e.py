@@ -45,6 +45,18 @@ def syncdebug(tag, fn, f):
     print(f"\n==== {tag}: sync debug warnings {sum(c.values())}", file=f)
     for k, n in c.most_common(10): print(f"  {n}x {k}", file=f)
 
+def variant(tag, is_lz, fn, f):
+    """Wall vs host-enqueue time, (for LayerZero) the kernels it ran and its sync points, then
+    the profiler tables, of one variant."""
+    lz.reset_metrics()
+    w, h = wall(fn)
+    print(f"\n#### {tag}: wall {w:.2f} ms, host enqueue {h:.2f} ms", file=f, flush=True)
+    if is_lz:
+        print("  kernels:", lz.metrics()["calls"], file=f)
+        syncdebug(tag, fn, f)
+    prof(tag, fn, f)
+    f.flush()
+
 def transformers_shape(label, f):
     import e2e_transformers as E
     shape = E.SHAPES[label]
@@ -56,14 +68,7 @@ def transformers_shape(label, f):
             return E.prefill(model, ids)
     for name in ("sdpa", "layerzero", "sdpa+liger"):
         E.set_variant(model, name)
-        lz.reset_metrics()
-        w, h = wall(fn)
-        print(f"\n#### {label} {name}: wall {w:.2f} ms, host enqueue {h:.2f} ms", file=f, flush=True)
-        if name == "layerzero":
-            print("  kernels:", lz.metrics()["calls"], file=f)
-            syncdebug(f"{label} {name}", fn, f)
-        prof(f"{label} {name}", fn, f)
-        f.flush()
+        variant(f"{label} {name}", name == "layerzero", fn, f)
     E._restore_modeling(saved)
     del model; torch.cuda.empty_cache()
 
@@ -75,13 +80,7 @@ def flux(f):
             return model(**inputs, return_dict=False)[0]
     for name in ("native", "layerzero"):
         if name == "layerzero": lz.patch(model)
-        lz.reset_metrics()
-        w, h = wall(fn)
-        print(f"\n#### flux {name}: wall {w:.2f} ms, host enqueue {h:.2f} ms", file=f, flush=True)
-        if name == "layerzero":
-            print("  kernels:", lz.metrics()["calls"], file=f)
-            syncdebug(f"flux {name}", fn, f)
-        prof(f"flux {name}", fn, f)
+        variant(f"flux {name}", name == "layerzero", fn, f)
 
 for w in which:
     with open(os.path.join(OUT, f"prof_{w}.txt"), "w") as f:
