@@ -1,5 +1,6 @@
 """Per-kernel GPU time and host (enqueue) time on CUDA: rms_norm (with and without residual),
-swiglu, rope for every kernel LayerZero has, and flash-attn-4 with q/k/v in different memory layouts.
+swiglu, rope for every kernel LayerZero has (our Triton kernels with their direct launch, see
+layerzero/backends/_triton_launch.py), and flash-attn-4 with q/k/v in different memory layouts.
 
 For each: "loop" = CUDA-event time per call of 50 back-to-back calls (host cost included),
 "graph(GPU)" = per call inside a captured CUDA graph (kernel time alone), "host" = wall time per
@@ -60,9 +61,10 @@ for rows, h in ((2048, 2048), (8192, 4096), (4608 * 24, 128)):
     refr = reference.rms_norm(x.double(), w.double(), 1e-6, residual=r.double())
     fns = {kid: (lambda kid=kid: registry.get(kid).fn(x, w, 1e-6, r, 0.0)) for kid in ("torch.rms_norm", "liger.rms_norm", "triton.rms_norm", "flashinfer.rms_norm")}
     bench(f"rms_norm+residual {rows}x{h} (lz picks {lz.explain('rms_norm', x, w, 1e-6, residual=r).chosen})", fns, refr)
-for rows, h in ((2048, 8192), (8192, 14336)):
+for rows, h in ((1, 8192), (2048, 8192), (8192, 14336)):
     g = torch.randn(rows, h, device=dev, dtype=torch.bfloat16); u = torch.randn_like(g)
-    fns = {kid: (lambda kid=kid: registry.get(kid).fn(g, u)) for kid in ("liger.swiglu", "reference.swiglu")}
+    fns = {kid: (lambda kid=kid: registry.get(kid).fn(g, u)) for kid in ("triton.swiglu", "liger.swiglu", "reference.swiglu")}
+    fns["lz.swiglu"] = lambda: lz.swiglu(g, u)
     bench(f"swiglu {rows}x{h} (lz picks {lz.explain('swiglu', g, u).chosen})", fns, reference.swiglu(g.double(), u.double()))
 import transformers.models.llama.modeling_llama as ML
 for s_, hq, hk, d in ((2048, 32, 8, 64), (8192, 32, 8, 128)):

@@ -1,5 +1,5 @@
 """LayerZero's own Triton kernels (triton.rms_norm with the residual add fused, triton.rope on q
-and k) run for real on the CPU under TRITON_INTERPRET=1, in a subprocess so that no other test
+and k, triton.swiglu/geglu) run for real on the CPU under TRITON_INTERPRET=1, in a subprocess so that no other test
 sees the variable. Inputs are non-contiguous on purpose; outputs are checked against the float64
 reference under the flash-attention rule, and lz.metrics proves which kernel ran. (The
 interpreter truncates fp32 -> bf16 where GPUs round to nearest, so bf16 is left to tests/gpu.)"""
@@ -72,6 +72,18 @@ SCRIPT = textwrap.dedent("""
                     rule(qo, qr, qb, f"rope q {layout} {inter} {dt}")
                     rule(ko, kr, kb, f"rope k {layout} {inter} {dt}")
                     n += 1
+        # swiglu / geglu (both gelu forms): one pass; rows of a fused gate_up output (strided),
+        # 3-D, and a width past one block
+        for shape in ((5, 2 * 72), (2, 3, 2 * 4100)):
+            gu = torch.randn(*shape, generator=g).to(dt)
+            gate, up = gu.chunk(2, dim=-1)
+            for op, kw, fn in (("swiglu", {}, lambda a: torch.nn.functional.silu(a)),
+                               ("geglu", {"approximate": "none"}, lambda a: torch.nn.functional.gelu(a)),
+                               ("geglu", {"approximate": "tanh"},
+                                lambda a: torch.nn.functional.gelu(a, approximate="tanh"))):
+                out = run(op, f"triton.{op}", gate, up, **kw)
+                rule(out, fn(gate.double()) * up.double(), fn(gate) * up, f"{op} {kw} {shape} {dt}")
+                n += 1
     print("OK", n)
 """)
 
@@ -97,7 +109,8 @@ ROPE_SCRIPT = textwrap.dedent("""
         def __getitem__(self, grid):
             grids.append((grid, self.kernel.__name__))
             return self.kernel[grid]
-    T._rope_kernel, T._rope_kernel_strided = Spy(T._rope_kernel), Spy(T._rope_kernel_strided)
+    for launch in (T._rope_launch, T._rope_strided_launch):
+        launch.kernel = Spy(launch.kernel)
 
     def no_op(*a, **kw):
         raise AssertionError("an eager call went through the custom op")

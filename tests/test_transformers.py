@@ -459,7 +459,10 @@ def test_dynamic_cache_first_update_without_copy():
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     want = a.generate(**kw, **gen)
     rep = lz.patch(a)
-    assert any(i.kind == "cache" and i.status == "patched" for i in rep.items), str(rep)
+    item = next(i for i in rep.items if i.kind == "cache")
+    assert item.status == "patched", str(rep)
+    # the installed transformers' lazy initialisation is mirrored directly (no empty tensors made)
+    assert cache_utils.DynamicLayer.update.lz_init is not None, item
     lz.patch(b)
     assert cache_utils.DynamicLayer.update is not own
     seen = []
@@ -478,7 +481,7 @@ def test_dynamic_cache_first_update_without_copy():
             torch.cat = orig_cat
     layer = cache.layers[0]
     assert layer.keys.shape[-2] == kw["input_ids"].shape[1] and layer.keys.numel() > 0
-    assert seen and not any(seen), "a first update copied K/V onto an empty tensor"
+    assert not any(seen), "a first update copied K/V onto an empty tensor"
     assert torch.equal(a.generate(**kw, **gen), want)
     lz.unpatch(a)
     assert cache_utils.DynamicLayer.update is not own   # b is still patched
@@ -497,8 +500,11 @@ def test_cache_patch_checks_the_layer_keeps_no_other_state():
         def update(self, key_states, value_states, *args, **kwargs):
             self.tokens = getattr(self, "tokens", 0) + key_states.shape[-2]
             return super().update(key_states, value_states, *args, **kwargs)
-    assert tc.same_state(cache_utils.DynamicLayer, cache_utils.DynamicLayer.update,
-                         tc.first_update_without_copy(cache_utils.DynamicLayer,
-                                                      cache_utils.DynamicLayer.update)) is None
+    own = cache_utils.DynamicLayer.update
+    whys = [tc.same_state(cache_utils.DynamicLayer, own, tc.first_update_without_copy(cache_utils.DynamicLayer, own, init))
+            for init in tc.INITS]
+    assert whys[-1] is None                    # transformers' own initialisation on empty slices
+    assert whys.count(None) == 2, whys         # and exactly one of the direct forms
+    assert any(w and "attributes" in w for w in whys), whys   # the other one sets other attributes
     why = tc.same_state(Counting, Counting.update, tc.first_update_without_copy(Counting, Counting.update))
     assert why and "tokens" in why

@@ -8,13 +8,20 @@
   q, k, cos and sin (cos/sin broadcast over batch or sequence by stride 0); partial rotary (the
   tail is copied) and both pair layouts (rotate_half / interleaved).
 
-Both compute in fp32 and round once, as `layerzero.reference` does.
+- gated: silu(gate) * up (swiglu) or gelu(gate) * up (geglu, erf or tanh form) in one pass;
+  rows of any stride, the last dim contiguous (other inputs are reshaped, a copy).
+
+All compute in fp32 and round once (`layerzero.reference` rounds the same way for norms and
+RoPE; its two-kernel gated form rounds the activation first). Launches go through
+`_triton_launch.Launch`, which skips Triton's per-call JIT work once a specialisation is compiled.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from ._triton_launch import Launch
 
 
 def _pow2(n):
@@ -49,6 +56,9 @@ def _rms_norm_kernel(X, R, W, Y, S, d1, d2, xs0, xs1, xs2, xsc, rs0, rs1, rs2, r
     tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=m)
 
 
+_rms_norm_launch = Launch(_rms_norm_kernel, tensors=5)
+
+
 def _lead3(t: torch.Tensor):
     """(t, (d0, d1, d2), (s0, s1, s2, s_col)) with t's leading dims padded/collapsed to three."""
     if t.dim() > 4:
@@ -70,10 +80,10 @@ def rms_norm(x, weight, eps, residual, offset):
     s = torch.empty_like(y) if residual is not None else y
     rv, _, rs = _lead3(residual) if residual is not None else (xv, None, xs)
     w = weight if weight is not None else xv
-    _rms_norm_kernel[(rows,)](xv, rv, w, y, s, d1, d2, *xs, *rs,
-                              weight.stride(0) if weight is not None else 0, n, float(eps),
-                              float(offset), HAS_R=residual is not None, HAS_W=weight is not None,
-                              BLOCK=block, num_warps=_warps(block))
+    _rms_norm_launch((rows,), (xv, rv, w, y, s, d1, d2, *xs, *rs,
+                               weight.stride(0) if weight is not None else 0, n, float(eps), float(offset)),
+                     dict(HAS_R=residual is not None, HAS_W=weight is not None, BLOCK=block,
+                          num_warps=_warps(block)))
     return (y, s) if residual is not None else y
 
 
@@ -171,6 +181,9 @@ def _rope_kernel_strided(Q, K, QO, KO, COS, SIN, S, q_b, q_s, q_h, q_d, k_b, k_s
                 HQ, HK, D, HALF, INTERLEAVED, BLOCK_HQ, BLOCK_HK, BLOCK_HALF, BLOCK_T)
 
 
+_rope_launch, _rope_strided_launch = Launch(_rope_kernel, tensors=6), Launch(_rope_kernel_strided, tensors=6)
+
+
 def _bshd_strides(t, bshd):
     """(batch, seq, head, feature) strides of q or k in either layout."""
     s = t.stride()
@@ -211,7 +224,54 @@ def rope(q, k, cos, sin, layout, interleaved):
                 BLOCK_HALF=bh, BLOCK_T=_pow2(d - 2 * half),
                 num_warps=4 if tile <= 4096 else 8 if tile <= 8192 else 16)
     if qost == qst and kost == kst and sst == cst:
-        _rope_kernel[grid](q, k, qo, ko, cos, sin, s, *qst, *kst, *cst, **meta)
+        _rope_launch(grid, (q, k, qo, ko, cos, sin, s, *qst, *kst, *cst), meta)
     else:
-        _rope_kernel_strided[grid](q, k, qo, ko, cos, sin, s, *qst, *kst, *qost, *kost, *cst, *sst, **meta)
+        _rope_strided_launch(grid, (q, k, qo, ko, cos, sin, s, *qst, *kst, *qost, *kost, *cst, *sst), meta)
     return qo, ko
+
+
+_SILU, _GELU_ERF, _GELU_TANH = 0, 1, 2
+_GATED_BLOCK = 2048
+
+
+@triton.jit
+def _gated_kernel(G, U, Y, gs, us, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < N
+    g = tl.load(G + row * gs + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(U + row * us + cols, mask=m, other=0.0).to(tl.float32)
+    if ACT == 0:
+        a = g / (1.0 + tl.exp(-g))
+    elif ACT == 1:
+        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))     # 1 + tanh(z)
+    tl.store(Y + row * N + cols, (a * u).to(Y.dtype.element_ty), mask=m)
+
+
+_gated_launch = Launch(_gated_kernel, tensors=3)
+
+
+def _rows(t: torch.Tensor, n: int):
+    """(t as (rows, n) with unit column stride, row stride); reshape copies only when it must."""
+    t2 = t.reshape(-1, n) if t.dim() != 2 else t
+    if n > 1 and t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2, t2.stride(0)
+
+
+def gated(gate, up, act: int):
+    """act(gate) * up elementwise (act: _SILU, _GELU_ERF or _GELU_TANH), contiguous output."""
+    n = gate.shape[-1]
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    rows = y.numel() // n if n else 0
+    if rows == 0:
+        return y
+    g, gs = _rows(gate, n)
+    u, us = _rows(up, n)
+    block = min(_GATED_BLOCK, _pow2(n))
+    _gated_launch((rows, -(-n // block)), (g, u, y, gs, us, n),
+                  dict(ACT=act, BLOCK=block, num_warps=4 if block <= 1024 else 8))
+    return y

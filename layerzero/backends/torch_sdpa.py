@@ -129,7 +129,16 @@ def shape_mask(q, sq, sk, is_causal, window, alibi_slopes, causal_align):
     return mask, empty
 
 
-_sdpa_gqa = functools.partial(F.scaled_dot_product_attention, enable_gqa=True)
+_F_sdpa = F.scaled_dot_product_attention
+
+
+def _sdpa_gqa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    """F.scaled_dot_product_attention(..., enable_gqa=True), passing defaults only where they are
+    not defaults (each argument SDPA's binding parses costs host time; a functools.partial merges
+    its keywords into a new dict on every call)."""
+    if attn_mask is None and not dropout_p and scale is None:
+        return _F_sdpa(q, k, v, is_causal=is_causal, enable_gqa=True)
+    return _F_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=True)
 _CUDNN_OP = getattr(torch, "_scaled_dot_product_cudnn_attention", None)
 _grad_enabled = torch._C.is_grad_enabled
 

@@ -1,8 +1,9 @@
-"""LayerZero's own Triton kernels: `triton.rms_norm` (residual add fused) and `triton.rope`
-(q and k in one launch). The kernels live in `_triton_impl` (imported on first use: it imports
-triton); they take any strides, so transposed or sliced inputs need no copy. Both are
-`torch.library` custom ops (`layerzero::triton_rms_norm`, `layerzero::triton_rope`) with fake
-implementations, so torch.compile traces them as one call each; in eager mode the public
+"""LayerZero's own Triton kernels: `triton.rms_norm` (residual add fused), `triton.rope` (q and k
+in one launch) and `triton.swiglu` / `triton.geglu` (activation and product in one pass). The
+kernels live in `_triton_impl` (imported on first use: it imports triton); norm and RoPE take any
+strides, so transposed or sliced inputs need no copy, the gated ones any row stride. All are
+`torch.library` custom ops (`layerzero::triton_rms_norm`, `layerzero::triton_rope`,
+`layerzero::triton_gated`) with fake implementations, so torch.compile traces them as one call each; in eager mode the public
 functions call the implementation directly (the custom op's dispatch costs tens of us a call).
 
 They run on CUDA, and on the CPU under TRITON_INTERPRET=1 (how the CPU tests check them; the
@@ -57,6 +58,31 @@ def _(q, k, cos, sin, layout, interleaved):
     return torch.empty_like(q), k.new_empty(k.shape)      # strides as the kernel's (see _triton_impl.rope)
 
 
+@torch.library.custom_op("layerzero::triton_gated", mutates_args=())
+def gated_op(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
+    return _kernels().gated(gate, up, act)
+
+
+@gated_op.register_fake
+def _(gate, up, act):
+    return gate.new_empty(gate.shape)
+
+
+_ACTS = {"silu": 0, "none": 1, "tanh": 2}      # _triton_impl's _SILU, _GELU_ERF, _GELU_TANH
+
+
+def _gated(gate, up, act):
+    return _kernels().gated(gate, up, act) if eager(gate) else gated_op(gate, up, act)
+
+
+def swiglu(gate, up):
+    return _gated(gate, up, 0)
+
+
+def geglu(gate, up, approximate):
+    return _gated(gate, up, _ACTS[approximate])
+
+
 def rms_norm(x, weight, eps, residual, offset):
     if eager(x):                               # no custom-op dispatch
         return _kernels().rms_norm(x, weight, float(eps), residual, float(offset))
@@ -81,6 +107,14 @@ def supports_rope(spec) -> list[str]:
     return triton_reasons(spec, "triton.rope")
 
 
+def supports_swiglu(spec) -> list[str]:
+    return triton_reasons(spec, "triton.swiglu")
+
+
+def supports_geglu(spec) -> list[str]:
+    return triton_reasons(spec, "triton.geglu")
+
+
 probe.define(_IMPL, """
 from layerzero.backends import _triton_impl as T
 if dev:
@@ -93,4 +127,10 @@ if dev:
 register("rms_norm", "triton.rms_norm", rms_norm, priority=priorities.by_size(58, 44, min_elems=1 << 23, residual=62),
          supports=supports_rms, requires=(_IMPL,))
 register("rope", "triton.rope", rope, priority=priorities.gpu_only(60), supports=supports_rope,
+         requires=(_IMPL,))
+# One pass (2 reads, 1 write) where torch's form is two kernels (silu, then the product: 3 reads,
+# 2 writes); with the direct launch (_triton_launch) its host cost is about one torch launch.
+register("swiglu", "triton.swiglu", swiglu, priority=priorities.gpu_only(62), supports=supports_swiglu,
+         requires=(_IMPL,))
+register("geglu", "triton.geglu", geglu, priority=priorities.gpu_only(62), supports=supports_geglu,
          requires=(_IMPL,))

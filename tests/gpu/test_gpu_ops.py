@@ -115,6 +115,48 @@ def test_gated(op, dtype):
         rule(out, ref, getattr(reference, op)(g, u, **kw), kernel)
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gated_fused_projection_rows(approximate):
+    """gate/up as the two halves of a fused gate_up projection (strided rows), odd width."""
+    gu = torch.randn(3, 50, 2 * 4099, device="cuda", dtype=torch.bfloat16)
+    g, u = gu.chunk(2, dim=-1)
+    for op, kw in (("swiglu", {}), ("geglu", {"approximate": approximate})):
+        for kernel in available(op):
+            ok, why = accepts(op, kernel, g, u, **kw)
+            if ok:
+                rule(run(op, kernel, g, u, **kw), getattr(reference, op)(g.double(), u.double(), **kw),
+                     getattr(reference, op)(g, u, **kw), f"{kernel} {kw}")
+
+
+def test_triton_direct_launch_matches_the_jit():
+    """Our Triton kernels' second launch of a specialisation skips Triton's JIT entry
+    (_triton_launch.Launch): it must take the direct path here and give the JIT's bits."""
+    from layerzero.backends import _triton_impl as T
+    x = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+    r, w = torch.randn_like(x), torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(1, 2048, 32, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(1, 8, 2048, 64, device="cuda", dtype=torch.bfloat16)
+    ang = torch.rand(2048, 64, device="cuda")
+    cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+    calls = {
+        T._rms_norm_launch: [lambda: T.rms_norm(x, w, 1e-6, None, 0.0), lambda: T.rms_norm(x, w, 1e-6, r, 1.0)],
+        T._rope_launch: [lambda: T.rope(q, k, cos, sin, "bhsd", False)],
+        T._rope_strided_launch: [lambda: T.rope(q, k, cos, torch.cat((sin, sin), 1)[:, :64], "bhsd", False),
+                                 lambda: T.rope(q, k.transpose(2, 3).contiguous().transpose(2, 3), cos, sin, "bhsd", False)],
+        T._gated_launch: [lambda: T.gated(x, r, a) for a in (0, 1, 2)],
+    }
+    for launch, fns in calls.items():
+        for fn in fns:
+            first = fn()
+            before = launch.direct
+            again = fn()
+            torch.cuda.synchronize()
+            assert launch.off is None, launch.off
+            assert launch.direct == before + 1, "the second launch did not take the direct path"
+            for a, b in zip(first if isinstance(first, tuple) else (first,), again if isinstance(again, tuple) else (again,)):
+                assert torch.equal(a, b)
+
+
 def test_sample():
     for kernel in available("sample"):
         logits = torch.randn(8, 32000, device="cuda")
