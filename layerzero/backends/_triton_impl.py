@@ -235,9 +235,11 @@ _GATED_BLOCK = 2048
 
 
 @triton.jit
-def _gated_kernel(G, U, Y, gs, us, N, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+def _gated_kernel(G, U, Y, gs, us, N, NB, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """One BLOCK of one row per program; consecutive programs walk along a row (NB blocks)."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // NB
+    cols = (pid % NB) * BLOCK + tl.arange(0, BLOCK)
     m = cols < N
     g = tl.load(G + row * gs + cols, mask=m, other=0.0).to(tl.float32)
     u = tl.load(U + row * us + cols, mask=m, other=0.0).to(tl.float32)
@@ -272,6 +274,7 @@ def gated(gate, up, act: int):
     g, gs = _rows(gate, n)
     u, us = _rows(up, n)
     block = min(_GATED_BLOCK, _pow2(n))
-    _gated_launch((rows, -(-n // block)), (g, u, y, gs, us, n),
+    nb = -(-n // block)
+    _gated_launch((rows * nb,), (g, u, y, gs, us, n, nb),
                   dict(ACT=act, BLOCK=block, num_warps=4 if block <= 1024 else 8))
     return y
