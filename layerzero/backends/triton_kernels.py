@@ -129,10 +129,12 @@ register("rms_norm", "triton.rms_norm", rms_norm, priority=priorities.by_size(58
 register("rope", "triton.rope", rope, priority=priorities.gpu_only(60), supports=supports_rope,
          requires=(_IMPL,))
 # One pass (2 reads, 1 write) where torch's form is two kernels (silu, then the product: 3 reads,
-# 2 writes); with the direct launch (_triton_launch) its host cost is about one torch launch
-# (H100: 2048x8192 bf16 36 us GPU / 23 us host, against torch's 60 / 19 and Liger's 35 / 49).
-# From 32M elements up Liger's kernel comes first (8192x14336: 233 vs 242 us GPU).
-_gated_priority = priorities.by_size(58, 62, min_elems=1 << 25)
+# 2 writes). H100 (benchmarks/results/kernels_micro_h100.txt), us GPU / host: 2048x8192 bf16
+# 36 / 31 against torch's 60 / 24 and Liger's 35 / 77; 8192x14336 233 / 34, Liger's 233 / 69. One
+# decode row (1x8192) is host time only: torch's two launches 22 us a call, this one 31. So it
+# comes first from 8M elements (where torch's two passes take longer on the GPU than its launches
+# on the host); below, torch's form (priority 0) does.
+_gated_priority = priorities.by_size(62, -1, min_elems=1 << 23)
 register("swiglu", "triton.swiglu", swiglu, priority=_gated_priority, supports=supports_swiglu,
          requires=(_IMPL,))
 register("geglu", "triton.geglu", geglu, priority=_gated_priority, supports=supports_geglu,
