@@ -150,7 +150,7 @@ def test_routes_match_unpatched(family):
     lz.unpatch(c)
 
 
-GEN_FAMILIES = ["llama", "mistral", "qwen3", "phi3", "mixtral", "gpt2", "t5"]
+GEN_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "mixtral", "gpt2", "t5"]
 
 
 @pytest.mark.parametrize("family", GEN_FAMILIES)

@@ -40,3 +40,12 @@ def test_e2e_benchmark_tiny(tmp_path):
     assert v["layerzero"]["max_diff_vs_sdpa"] < 1e-4
     assert set(v["layerzero"]["kernels"]) >= {"attention", "rms_norm", "rope", "swiglu"}
     assert "ratio" in shape and shape["best_other"] in ("eager", "sdpa")
+
+
+def test_e2e_generate_benchmark_tiny(tmp_path):
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "e2e_generate.py"))
+    path = tmp_path / "gen.json"
+    result = bench["main"](["--tiny", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    assert result["same_tokens"] and result["ratio"] > 0
+    assert {"attention", "rms_norm", "rope", "swiglu"} <= set(result["kernels"]), result["kernels"]
