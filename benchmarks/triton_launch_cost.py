@@ -3,7 +3,8 @@
 prepared arguments, the compiled kernel's launcher alone, Triton's JIT entry, the specialisation
 key, the two output allocations, and two torch launches for scale. Enqueue time per call (the GPU
 is kept busy by torch.cuda._sleep), median of 5 loops of 500 calls; then a cProfile of the
-launcher. The numbers behind layerzero/backends/_triton_launch.py.
+launcher. The numbers behind layerzero/backends/_triton_launch.py and the per-shape launch plans
+of _triton_impl.
 
     PYTHONPATH=$PWD python3 benchmarks/triton_launch_cost.py
 """
@@ -25,29 +26,24 @@ q = torch.randn(1, 2048, 32, 64, device="cuda", dtype=torch.bfloat16).transpose(
 k = torch.randn(1, 2048, 8, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
 ang = torch.rand(2048, 64, device="cuda"); cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
 T.rope(q, k, cos, sin, "bhsd", False); T.rope(q, k, cos, sin, "bhsd", False)
-la = T._rope_launch if T._rope_launch.entries else T._rope_strided_launch
-(key, compiled), = la.entries.items()
+(static, (la, grid, ints, meta)), = T._rope_plans.items()     # the per-shape plan rope made
+compiled = next(iter(la.entries.values()))[0]
 qo, ko = torch.empty_like(q), torch.empty(k.shape, dtype=k.dtype, device="cuda")
-s = 2048
-qst = T._bshd_strides(q, False); kst = T._bshd_strides(k, False); cst = T._cs_strides(cos, s)
-if la is T._rope_launch:
-    args = (q, k, qo, ko, cos, sin, s, *qst, *kst, *cst)
-else:
-    args = (q, k, qo, ko, cos, sin, s, *qst, *kst, *T._bshd_strides(qo, False), *T._bshd_strides(ko, False), *cst, *T._cs_strides(sin, s))
+args = (q, k, qo, ko, cos, sin, *ints)
 print("kernel", la.kernel)
-meta = dict(key[2])
-grid = (2048, 1)
 stream = driver.active.get_current_stream(0)
-head = (grid[0], 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None)
-full = la._args(args, meta, la.all_params)
+head = (grid[0], grid[1], 1, stream, compiled.function, compiled.packed_metadata, None, None, None)
+full = args + la._tail(meta, la.all_params)
 run = compiled.run
 x = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
 print("triton", __import__("triton").__version__, "all_params", la.all_params, "direct", la.direct)
 print("T.rope full                  ", med(lambda: T.rope(q, k, cos, sin, "bhsd", False)), "us")
 print("Launch.__call__ (prepared)   ", med(lambda: la(grid, args, meta)), "us")
+print("Launch.__call__ (plan key)   ", med(lambda: la(grid, args, meta, static)), "us")
 print("compiled.run (prepared)      ", med(lambda: run(*head, *full)), "us")
 print("JIT kernel[grid]             ", med(lambda: la.kernel[grid](*args, **meta)), "us")
 print("spec key                     ", med(lambda: (0, __import__('layerzero.backends._triton_launch', fromlist=['x']).spec_key(args, 6), tuple(meta.items()))), "us")
+print("plan key (shapes, strides)   ", med(lambda: (q.shape, q.stride(), k.shape, k.stride(), cos.shape, cos.stride(), sin.shape, sin.stride(), "bhsd", False)), "us")
 print("2x empty                     ", med(lambda: (torch.empty_like(q), torch.empty(k.shape, dtype=k.dtype, device="cuda"))), "us")
 print("torch x.mul_(1) (one launch) ", med(lambda: x.mul_(1.0)), "us")
 print("torch.rms_norm               ", med(lambda: torch.rms_norm(x, (2048,), None, 1e-6)), "us")

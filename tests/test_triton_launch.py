@@ -116,3 +116,18 @@ def test_interpreted_or_uncompiled_kernels_stay_on_the_jit():
     k.kernel.__class__ = type("K2", (Kernel,), {"__getitem__": lambda self, g: (lambda *a, **kw: None)})
     k((1,), (torch.zeros(1), torch.zeros(1), 1), {"BLOCK": 1})
     assert "not a compiled kernel" in k.off
+
+
+def test_a_plan_key_stands_for_the_other_arguments():
+    """With `static` (a caller's per-shape plan key) the key reads only the tensors' dtypes and
+    alignment: same plan and tensors -> direct; other alignment -> the JIT again."""
+    k = _launch(Kernel())
+    buf = torch.zeros(64)
+    x, misaligned = buf[:8], buf[1:9]
+    plan = ("shape", (8,), "strides", (1,))
+    k((1,), (x, x, 8), {"BLOCK": 4}, plan)
+    k((1,), (x, x, 8), {"BLOCK": 4}, plan)
+    k((1,), (misaligned, x, 8), {"BLOCK": 4}, plan)
+    k((1,), (x, x, 8), {"BLOCK": 4}, ("other plan",))
+    assert [e[0] for e in k.kernel.log] == ["jit", "direct", "jit", "jit"]
+    assert k.kernel.log[1][2] == (x, x, 8, 4)     # constexpr tail cached with the entry

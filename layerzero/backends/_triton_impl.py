@@ -70,20 +70,43 @@ def _lead3(t: torch.Tensor):
     return t, shape, stride + [t.stride(-1)]
 
 
-def rms_norm(x, weight, eps, residual, offset):
-    """y = (x [+ residual]) / rms * (offset + weight); returns y or (y, x + residual)."""
+_PLANS_MAX = 256    # per-shape launch plans kept per op (cleared past it)
+_rms_plans: dict = {}
+
+
+def _rms_plan(x, weight, eps, residual, offset):
+    """(grid, int/float arguments, meta) of an rms_norm call with up to 4 dims, from its shapes
+    and strides (the per-call Python of a launch, cached per shape: `rms_norm`)."""
     n = x.shape[-1]
     block = _pow2(n)
-    xv, (_, d1, d2), xs = _lead3(x)
-    rows = x.numel() // n
+    _, (_, d1, d2), xs = _lead3(x)
+    _, _, rs = _lead3(residual) if residual is not None else (None, None, xs)
+    ints = (d1, d2, *xs, *rs, weight.stride(0) if weight is not None else 0, n, float(eps), float(offset))
+    meta = dict(HAS_R=residual is not None, HAS_W=weight is not None, BLOCK=block, num_warps=_warps(block))
+    return (x.numel() // n,), ints, meta
+
+
+def rms_norm(x, weight, eps, residual, offset):
+    """y = (x [+ residual]) / rms * (offset + weight); returns y or (y, x + residual)."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s = torch.empty_like(y) if residual is not None else y
-    rv, _, rs = _lead3(residual) if residual is not None else (xv, None, xs)
+    if x.dim() > 4:        # collapsed to 2-D (a reshape, per call); not planned
+        xv = _lead3(x)[0]
+        rv = _lead3(residual)[0] if residual is not None else xv
+        grid, ints, meta = _rms_plan(xv, weight, eps, rv if residual is not None else None, offset)
+        static = None
+    else:
+        xv, rv = x, residual if residual is not None else x
+        static = (x.shape, x.stride(), None if residual is None else (residual.shape, residual.stride()),
+                  None if weight is None else weight.stride(), eps, offset)
+        plan = _rms_plans.get(static)
+        if plan is None:
+            if len(_rms_plans) >= _PLANS_MAX:
+                _rms_plans.clear()
+            plan = _rms_plans[static] = _rms_plan(x, weight, eps, residual, offset)
+        grid, ints, meta = plan
     w = weight if weight is not None else xv
-    _rms_norm_launch((rows,), (xv, rv, w, y, s, d1, d2, *xs, *rs,
-                               weight.stride(0) if weight is not None else 0, n, float(eps), float(offset)),
-                     dict(HAS_R=residual is not None, HAS_W=weight is not None, BLOCK=block,
-                          num_warps=_warps(block)))
+    _rms_norm_launch(grid, (xv, rv, w, y, s, *ints), meta, static)
     return (y, s) if residual is not None else y
 
 
@@ -201,19 +224,19 @@ def _heads_block(h, block_half):
     return min(_pow2(h), max(1, _MAX_TILE // block_half))
 
 
-def rope(q, k, cos, sin, layout, interleaved):
-    """Rotary embedding of q and k -> (q_rot, k_rot), in q's/k's layout and dtype."""
+_rope_plans: dict = {}
+
+
+def _rope_plan(q, k, cos, sin, qo, ko, layout, interleaved):
+    """(launch, grid, int arguments, meta) of a rope call, from its shapes and strides (the
+    per-call Python of a launch, cached per shape: `rope`); None for an empty call."""
     bshd = layout == "bshd"
     b, d = q.shape[0], q.shape[-1]
     s, hq = (q.shape[1], q.shape[2]) if bshd else (q.shape[2], q.shape[1])
     hk = k.shape[2] if bshd else k.shape[1]
-    half = cos.shape[-1] // 2
-    # q keeps its memory layout (attention reads it next); k comes out contiguous in its logical
-    # shape: a KV cache concatenates it next, and torch.cat of a transposed (B, S, H, D)-memory
-    # view is a strided copy (~69 us for 8x8192x128 bf16 on the H100, per layer).
-    qo, ko = torch.empty_like(q), torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if b * s == 0:
-        return qo, ko
+        return None
+    half = cos.shape[-1] // 2
     bh = _pow2(half)
     bq, bk = _heads_block(hq, bh), _heads_block(hk, bh)
     qst, kst, cst, sst = _bshd_strides(q, bshd), _bshd_strides(k, bshd), _cs_strides(cos, s), _cs_strides(sin, s)
@@ -224,9 +247,28 @@ def rope(q, k, cos, sin, layout, interleaved):
                 BLOCK_HALF=bh, BLOCK_T=_pow2(d - 2 * half),
                 num_warps=4 if tile <= 4096 else 8 if tile <= 8192 else 16)
     if qost == qst and kost == kst and sst == cst:
-        _rope_launch(grid, (q, k, qo, ko, cos, sin, s, *qst, *kst, *cst), meta)
-    else:
-        _rope_strided_launch(grid, (q, k, qo, ko, cos, sin, s, *qst, *kst, *qost, *kost, *cst, *sst), meta)
+        return _rope_launch, grid, (s, *qst, *kst, *cst), meta
+    return _rope_strided_launch, grid, (s, *qst, *kst, *qost, *kost, *cst, *sst), meta
+
+
+def rope(q, k, cos, sin, layout, interleaved):
+    """Rotary embedding of q and k -> (q_rot, k_rot), in q's/k's layout and dtype."""
+    # q keeps its memory layout (attention reads it next); k comes out contiguous in its logical
+    # shape: a KV cache concatenates it next, and torch.cat of a transposed (B, S, H, D)-memory
+    # view is a strided copy (~69 us for 8x8192x128 bf16 on the H100, per layer).
+    qo, ko = torch.empty_like(q), torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    # the outputs' strides follow from q's and k's (empty_like keeps a dense layout), so shapes
+    # and strides of the inputs decide the plan
+    static = (q.shape, q.stride(), k.shape, k.stride(), cos.shape, cos.stride(), sin.shape,
+              sin.stride(), layout, interleaved)
+    plan = _rope_plans.get(static, False)
+    if plan is False:
+        if len(_rope_plans) >= _PLANS_MAX:
+            _rope_plans.clear()
+        plan = _rope_plans[static] = _rope_plan(q, k, cos, sin, qo, ko, layout, interleaved)
+    if plan is not None:
+        launch, grid, ints, meta = plan
+        launch(grid, (q, k, qo, ko, cos, sin, *ints), meta, static)
     return qo, ko
 
 

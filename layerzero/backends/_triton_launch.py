@@ -69,13 +69,18 @@ class Launch:
         self.off = (None if isinstance(kernel, JITFunction)  # why the direct path is off
                     else f"{type(kernel).__name__} is not a compiled Triton kernel (TRITON_INTERPRET=1?)")
 
-    def __call__(self, grid, args: tuple, meta: dict):
+    def __call__(self, grid, args: tuple, meta: dict, static=None):
         """kernel[grid](*args, **meta); args are the non-constexpr parameters in order, meta the
-        constexprs (all of them, by name) and launch options."""
+        constexprs (all of them, by name) and launch options. `static`, if given, is a hashable
+        that determines args[tensors:] and meta (a caller's per-shape plan key): the key then
+        uses it instead of reading them."""
         h = self.hooks
         if self.off is None and not (_active(h.launch_enter_hook) or _active(h.launch_exit_hook)):
             dev = torch.cuda.current_device()
-            key = (dev, spec_key(args, self.tensors), tuple(meta.items()))
+            if static is None:
+                key = (dev, spec_key(args, self.tensors), tuple(meta.items()))
+            else:
+                key = (dev, tuple([(t.dtype, t.data_ptr() & 15) for t in args[:self.tensors]]), static)
             entry = self.entries.get(key)
             if entry is not None and self._direct(entry, grid, args, meta, dev):
                 return
@@ -91,34 +96,38 @@ class Launch:
             return
         if len(self.entries) >= _MAX_ENTRIES:
             self.entries.clear()
-        self.entries[key] = compiled
+        self.entries[key] = [compiled, None]      # + the constexpr values the launcher takes
 
-    def _direct(self, compiled, grid, args, meta, dev) -> bool:
+    def _direct(self, entry, grid, args, meta, dev) -> bool:
+        compiled, tail = entry
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
         if self.stream is None:
             from triton.runtime import driver
             self.stream = driver.active.get_current_stream
-        stream = self.stream(dev)
-        head = (grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None)
-        if self.all_params is None:
-            for all_params in (True, False):
-                try:
-                    compiled.run(*head, *self._args(args, meta, all_params))
-                except TypeError as exc:
-                    err = exc
-                    continue
-                self.all_params = all_params
-                self.direct += 1
-                return True
-            self.off = f"the compiled kernel's launcher took neither argument convention ({err})"
-            _log.info("layerzero: direct Triton launch off for %s: %s", self.kernel, self.off)
-            return False
-        compiled.run(*head, *self._args(args, meta, self.all_params))
+        head = (grid[0], g1, g2, self.stream(dev), compiled.function, compiled.packed_metadata,
+                None, None, None)
+        if tail is None:
+            if self.all_params is None:
+                err = None
+                for all_params in (True, False):
+                    try:
+                        compiled.run(*head, *args, *self._tail(meta, all_params))
+                    except TypeError as exc:
+                        err = exc
+                        continue
+                    self.all_params = all_params
+                    entry[1] = self._tail(meta, all_params)
+                    self.direct += 1
+                    return True
+                self.off = f"the compiled kernel's launcher took neither argument convention ({err})"
+                _log.info("layerzero: direct Triton launch off for %s: %s", self.kernel, self.off)
+                return False
+            tail = entry[1] = self._tail(meta, self.all_params)
+        compiled.run(*head, *args, *tail)
         self.direct += 1
         return True
 
-    def _args(self, args, meta, all_params):
-        if not all_params:
-            return args
-        return args + tuple(meta[n] for n in self.constexprs)
+    def _tail(self, meta, all_params) -> tuple:
+        """The constexpr values after the other arguments, for a launcher that takes them."""
+        return tuple(meta[n] for n in self.constexprs) if all_params else ()
