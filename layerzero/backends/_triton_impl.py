@@ -13,7 +13,9 @@
 
 All compute in fp32 and round once (`layerzero.reference` rounds the same way for norms and
 RoPE; its two-kernel gated form rounds the activation first). Launches go through
-`_triton_launch.Launch`, which skips Triton's per-call JIT work once a specialisation is compiled.
+`_triton_launch.Launch`, which skips Triton's per-call JIT work once a specialisation is compiled;
+rms_norm and rope also cache their launch plan (grid, integer arguments, constexprs) per input
+shapes and strides, so a repeated call does no stride arithmetic in Python.
 """
 from __future__ import annotations
 
