@@ -9,7 +9,9 @@ RoPE or RMSNorm over a few thousand tokens that Python costs far more than the k
 compiled kernel Triton returns; later calls with the same specialisation call its launcher
 directly. The key (`spec_key`, plus the current device and `meta`'s constexprs and launch
 options) is finer than Triton's specialisation, so a key always maps to the kernel Triton itself
-would launch.
+would launch. A caller that plans its launches per input shape may pass its plan key (`static`),
+which must determine every non-tensor argument and `meta`; the key then reads only the tensors'
+dtypes and alignment.
 
 The launcher's argument convention is Triton's (the compiled kernel's `run(grid0, grid1, grid2,
 stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *args)`). Which
