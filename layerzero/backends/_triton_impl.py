@@ -93,12 +93,11 @@ def rms_norm(x, weight, eps, residual, offset):
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     s = torch.empty_like(y) if residual is not None else y
     if x.dim() > 4:        # collapsed to 2-D (a reshape, per call); not planned
-        xv = _lead3(x)[0]
-        rv = _lead3(residual)[0] if residual is not None else xv
-        grid, ints, meta = _rms_plan(xv, weight, eps, rv if residual is not None else None, offset)
+        xv, rv = _lead3(x)[0], None if residual is None else _lead3(residual)[0]
+        grid, ints, meta = _rms_plan(xv, weight, eps, rv, offset)
         static = None
     else:
-        xv, rv = x, residual if residual is not None else x
+        xv, rv = x, residual
         static = (x.shape, x.stride(), None if residual is None else (residual.shape, residual.stride()),
                   None if weight is None else weight.stride(), eps, offset)
         plan = _rms_plans.get(static)
@@ -107,8 +106,9 @@ def rms_norm(x, weight, eps, residual, offset):
                 _rms_plans.clear()
             plan = _rms_plans[static] = _rms_plan(x, weight, eps, residual, offset)
         grid, ints, meta = plan
-    w = weight if weight is not None else xv
-    _rms_norm_launch(grid, (xv, rv, w, y, s, *ints), meta, static)
+    # without a residual or weight the kernel's unused pointers get x (HAS_R / HAS_W are off)
+    _rms_norm_launch(grid, (xv, xv if rv is None else rv, xv if weight is None else weight, y, s, *ints),
+                     meta, static)
     return (y, s) if residual is not None else y
 
 

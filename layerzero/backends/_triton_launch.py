@@ -46,12 +46,18 @@ def _active(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def tensor_key(args: tuple, tensors: int) -> tuple:
+    """The first `tensors` arguments' dtypes and addresses mod 16 (what Triton specialises a
+    tensor argument on, and a little more)."""
+    return tuple([(t.dtype, t.data_ptr() & 15) for t in args[:tensors]])
+
+
 def spec_key(args: tuple, tensors: int) -> tuple:
-    """A key finer than Triton's specialisation: the first `tensors` arguments' dtypes and
-    addresses mod 16, and every other argument's value (Triton looks at less: an int's width,
-    whether it is 1 or a multiple of 16). Finer is safe: two calls with equal keys always get the
-    same compiled kernel from Triton; it costs a JIT call for each new key, as without `Launch`."""
-    return tuple([(t.dtype, t.data_ptr() & 15) for t in args[:tensors]]), args[tensors:]
+    """A key finer than Triton's specialisation: `tensor_key`, and every other argument's value
+    (Triton looks at less: an int's width, whether it is 1 or a multiple of 16). Finer is safe:
+    two calls with equal keys always get the same compiled kernel from Triton; it costs a JIT
+    call for each new key, as without `Launch`."""
+    return tensor_key(args, tensors), args[tensors:]
 
 
 class Launch:
@@ -79,10 +85,8 @@ class Launch:
         h = self.hooks
         if self.off is None and not (_active(h.launch_enter_hook) or _active(h.launch_exit_hook)):
             dev = torch.cuda.current_device()
-            if static is None:
-                key = (dev, spec_key(args, self.tensors), tuple(meta.items()))
-            else:
-                key = (dev, tuple([(t.dtype, t.data_ptr() & 15) for t in args[:self.tensors]]), static)
+            key = (dev, spec_key(args, self.tensors), tuple(meta.items())) if static is None else \
+                (dev, tensor_key(args, self.tensors), static)
             entry = self.entries.get(key)
             if entry is not None and self._direct(entry, grid, args, meta, dev):
                 return

@@ -139,6 +139,8 @@ def _sdpa_gqa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=Non
     if attn_mask is None and not dropout_p and scale is None:
         return _F_sdpa(q, k, v, is_causal=is_causal, enable_gqa=True)
     return _F_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=True)
+
+
 _CUDNN_OP = getattr(torch, "_scaled_dot_product_cudnn_attention", None)
 _grad_enabled = torch._C.is_grad_enabled
 

@@ -95,14 +95,13 @@ def same_state(cls, original, new) -> str | None:
 
 def patch_cache(report, undo) -> None:
     """Swap `DynamicLayer.update` while this model is patched; one report line either way."""
+    name = "transformers.cache_utils.DynamicLayer.update"
     try:
         from transformers import cache_utils
     except ImportError as e:
-        report.add("transformers.cache_utils.DynamicLayer.update", "cache", "skipped",
-                   detail=f"cache_utils not importable: {e}")
+        report.add(name, "cache", "skipped", detail=f"cache_utils not importable: {e}")
         return
     cls = getattr(cache_utils, "DynamicLayer", None)
-    name = "transformers.cache_utils.DynamicLayer.update"
     if not callable(getattr(cls, "update", None)) or not callable(getattr(cls, "lazy_initialization", None)):
         report.add(name, "cache", "skipped", detail="no DynamicLayer with update and lazy_initialization")
         return
