@@ -1,7 +1,8 @@
 """The small, hashable description of one op call: the key of every decision.
 
 Selection, policies and (later) measured timings see a call only through a `CallSpec`; kernels'
-`supports(spec)` read its fields. Fields that don't apply to an op keep their defaults.
+`supports(spec)` read its fields. Fields that don't apply to an op (`FIELDS`) keep their defaults
+and are left out of its repr and `as_dict()`.
 """
 from __future__ import annotations
 
@@ -35,11 +36,40 @@ class CallSpec(NamedTuple):
     grad: bool = False           # autograd will need a backward
     flags: frozenset = frozenset()  # op-specific: residual, offset, bias, interleaved, partial, ...
 
+    def shown(self) -> tuple[str, ...]:
+        """The fields that describe this call: op, device, sm, dtype, the fields of its op
+        (`FIELDS`), and any other that is not at its default."""
+        own = FIELDS.get(self.op, self._fields)
+        return self._fields[:4] + tuple(f for f in self._fields[4:]
+                                        if f in own or getattr(self, f) != self._field_defaults[f])
+
     def as_dict(self) -> dict:
-        d = self._asdict()
+        """The fields of `shown()`, JSON-ready: dtype as a string, flags as a sorted list."""
+        d = {f: getattr(self, f) for f in self.shown()}
         d["dtype"] = str(self.dtype).replace("torch.", "")
-        d["flags"] = sorted(self.flags)
+        if "flags" in d:
+            d["flags"] = sorted(self.flags)
         return d
+
+    def brief(self) -> str:
+        """The fields of `shown()` beyond op, device, sm and dtype that are not at their
+        defaults, as "name=value, ..." (flags as "flags=a,b")."""
+        return ", ".join(f"{f}={','.join(sorted(v)) if f == 'flags' else v}"
+                         for f, v in ((f, getattr(self, f)) for f in self.shown()[4:])
+                         if v != self._field_defaults[f])
+
+    def __repr__(self) -> str:
+        return f"CallSpec({', '.join(f'{f}={getattr(self, f)!r}' for f in self.shown())})"
+
+
+# The fields each op's calls fill in (beyond op, device, sm, dtype); the rest keep their defaults.
+# For norms and gated MLPs head_dim is the hidden size, for sample the vocabulary size.
+_ROWS = ("batch", "head_dim", "grad", "flags")
+FIELDS = {"attention": CallSpec._fields[4:-1],
+          "rope": ("batch", "num_heads", "num_kv_heads", "seq_len_q", "seq_len_k", "head_dim",
+                   "layout", "grad", "flags"),
+          "rms_norm": _ROWS, "layer_norm": _ROWS, "swiglu": _ROWS, "geglu": _ROWS,
+          "sample": ("batch", "head_dim", "flags")}
 
 
 def sdpa_native(spec: CallSpec) -> bool:
@@ -64,7 +94,7 @@ def device_sm(device: torch.device) -> int:
     return major * 10 + minor
 
 
-def needs_grad(*tensors) -> bool:
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
     if not torch.is_grad_enabled():
         return False
     return any(t is not None and t.requires_grad for t in tensors)

@@ -11,14 +11,23 @@ and returns the kernel id, which becomes a constant of the graph. The graph then
 kernel's own operations (kernels that dynamo can't trace expose themselves as `torch.library`
 custom ops). Nothing in the traced path reads tensor values.
 
+Invalid arguments raise at trace time, in `_choose`, as the TypeError/ValueError the eager op
+raises. Dynamo re-wraps any exception escaping a trace as `InternalTorchDynamoError` (and a raise
+in traced code becomes a graph break, an `Unsupported` error under fullgraph=True), except its own
+`TorchRuntimeError`, which it re-raises as it is (torch/_dynamo/convert_frame.py); so `_choose`
+raises the error as a subclass of both (`_user_error`): `except ValueError` catches it, and the
+message names the argument as in eager mode, followed by dynamo's "from user code" trace.
+
 Consequences: a compiled graph keeps the kernel chosen when it was traced (reset dynamo after
 changing the policy), has no runtime fallback, and `lz.metrics()` counts each traced call once,
 when it is traced, not on every replay.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+from typing import Any, Callable
 
 import torch
 
@@ -29,60 +38,72 @@ log = logging.getLogger("layerzero")
 _installed = False
 
 
-def _meta(v):
+def _meta(v: Any) -> Any:
     """A constant standing for one argument: tensors become (shape, dtype, device, requires_grad)."""
     if isinstance(v, torch.Tensor):
         return ("tensor", tuple(int(s) for s in v.shape), v.dtype, v.device, v.requires_grad)
     return v
 
 
-def _is_meta_tensor(m) -> bool:
+def _is_meta_tensor(m: Any) -> bool:
     return isinstance(m, tuple) and len(m) == 5 and m[0] == "tensor"
 
 
-def _choose(op: str, metas: tuple, grad: bool) -> str:
-    """The kernel id for an op call described by `metas` (see `_meta`). Runs eagerly, at trace time."""
+@functools.lru_cache(maxsize=None)
+def _user_error(kind: type) -> type:
+    """`kind` (TypeError or ValueError) as an exception dynamo passes through unwrapped."""
+    from torch._dynamo.exc import TorchRuntimeError
+
+    return type(kind.__name__, (TorchRuntimeError, kind), {"__module__": __name__})
+
+
+def _choose(op: str, args: tuple, kwargs: tuple, grad: bool) -> str:
+    """The kernel id for the op call `lz.<op>(*args, **dict(kwargs))`, its tensors described by
+    `_meta`. Runs eagerly, at trace time; invalid arguments raise as in eager mode (see above)."""
     from . import ops
 
-    device = next((m[3] for m in metas if _is_meta_tensor(m)), torch.device("cpu"))
-    vals = []
-    for m in metas:
-        if _is_meta_tensor(m):
-            t = torch.empty(m[1], dtype=m[2], device="meta")
-            vals.append(t.requires_grad_(m[4]) if m[4] else t)
-        else:
-            vals.append(m)
-    with torch.set_grad_enabled(grad):
-        spec = ops.DESCRIBE[op](*vals)
-    spec = spec._replace(device=device.type, sm=device_sm(device))
-    d = dispatch.decide(spec)
-    if d.error:
-        raise ValueError(d.error)
+    try:
+        metas = ops.bind(op, args, dict(kwargs))
+        device = next((m[3] for m in metas if _is_meta_tensor(m)), torch.device("cpu"))
+        vals = []
+        for m in metas:
+            if _is_meta_tensor(m):
+                t = torch.empty(m[1], dtype=m[2], device="meta")
+                vals.append(t.requires_grad_(m[4]) if m[4] else t)
+            else:
+                vals.append(m)
+        with torch.set_grad_enabled(grad):
+            spec = ops.DESCRIBE[op](*vals)
+        spec = spec._replace(device=device.type, sm=device_sm(device))
+        d = dispatch.decide(spec)
+        if d.error:
+            raise ValueError(d.error)
+    except (TypeError, ValueError) as e:
+        kind = TypeError if isinstance(e, TypeError) else ValueError
+        raise _user_error(kind)(str(e)).with_traceback(e.__traceback__) from None
     telemetry.count_call((op, d.chosen, False))
     log.debug("torch.compile: %s -> %s", op, d.chosen)
     return d.chosen
 
 
-def _stand_in(op: str, fn):
-    """The function dynamo traces instead of `fn` (= lz.<op>): bind, choose (constant), run."""
+def _stand_in(op: str, fn: Callable) -> Callable:
+    """The function dynamo traces instead of `fn` (= lz.<op>): choose (a constant, which binds
+    and validates the arguments), bind, run."""
     params = tuple((p.name, p.default) for p in inspect.signature(fn).parameters.values())
-    names = frozenset(n for n, _ in params)
 
     def traced(*args, **kwargs):
-        for name in kwargs:
-            if name not in names:
-                raise TypeError(f"lz.{op}() got an unexpected keyword argument {name!r}")
+        kid = _choose(op, tuple(_meta(v) for v in args),
+                      tuple((n, _meta(v)) for n, v in kwargs.items()), torch.is_grad_enabled())
         vals = args + tuple(kwargs.get(n, d) for n, d in params[len(args):])
         if op == "attention" and vals[7] is not None:
             vals = vals[:7] + (tuple(vals[7]),) + vals[8:]
-        kid = _choose(op, tuple(_meta(v) for v in vals), torch.is_grad_enabled())
         return registry.get(kid).fn(*vals)
 
     traced.__name__ = traced.__qualname__ = f"{op}_traced"
     return traced
 
 
-def install(public: dict) -> None:
+def install(public: dict[str, Callable]) -> None:
     """Register the stand-ins of the public ops with dynamo (called when torch._dynamo is imported).
     On a torch without `substitute_in_graph` (< 2.5), compiled code graph-breaks around lz ops."""
     global _installed

@@ -5,13 +5,24 @@ Two bounded dicts, both dropped when configuration or the registry changes:
   thread's `use` preferences) -> Entry. A hit skips validation and selection, since both depend
   only on what the key holds.
 - `decisions`: (CallSpec, preferences) -> Decision, shared by calls whose raw keys differ.
+  (`grad_choices` holds the answers of `Entry`'s grad probe, which are not decisions.)
+
+Runtime fallback: a kernel that raises hands the call to the next kernel of the decision. Only a
+kernel's own failure is a fallback (logged, counted, recorded by its circuit breaker): one that a
+later kernel then runs without error. When every kernel raises, the input is at fault (NaN logits,
+a tensor on the wrong device): the first error is raised and no kernel is marked. Exceptions torch
+raises to unwind user code (`CONTROL_FLOW`) pass through untouched.
 """
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import warnings
+from typing import Any, Callable, Hashable
+
+import torch
 
 from . import control, health, registry, telemetry
 from .call import sdpa_expressible
@@ -22,8 +33,19 @@ MAX_ENTRIES = 4096
 
 fast: dict = {}
 decisions: dict = {}
+grad_choices: dict = {}   # (CallSpec with grad=True, preferences) -> kernel id or None
 _lock = threading.Lock()
 _warned: set = set()
+# Exceptions torch raises through user code on purpose, to unwind it, never a kernel failing:
+# (module, class), looked up (on the failure path only) in modules already imported.
+CONTROL_FLOW = (("torch.utils.checkpoint", "_StopRecomputationError"),  # checkpoint's early stop
+                ("torch.distributed.elastic.multiprocessing.api", "SignalException"))  # SIGTERM
+
+
+def control_flow(exc: BaseException) -> bool:
+    """Is `exc` one of torch's control-flow exceptions (see CONTROL_FLOW)?"""
+    return any(isinstance(exc, getattr(sys.modules.get(mod), name, ()))
+               for mod, name in CONTROL_FLOW)
 
 
 class Entry:
@@ -37,15 +59,19 @@ class Entry:
         self.plain = k.plain(spec) if k.plain is not None and sdpa_expressible(spec) else None
         self.hit_key = (spec.op, k.id, True)
         self.hits = telemetry.hit_counter(self)  # next(e.hits) counts a cached call
-        # Would a call needing backward choose the same kernel? Then an op may reuse this entry
-        # without reading its inputs' requires_grad.
-        self.grad_ok = spec.grad or decide(spec._replace(grad=True)).chosen == k.id
+        # Would a call needing backward choose the same kernel? Then ops.attention, whose raw key
+        # holds grad mode but not its inputs' requires_grad, may reuse this entry without reading
+        # them. Other ops' keys hold whether the call needs grad; with grad mode off no call needs
+        # it: no need to ask then.
+        self.grad_ok = (spec.grad or spec.op != "attention" or not torch.is_grad_enabled()
+                        or _grad_choice(spec._replace(grad=True)) == k.id)
 
 
 def clear() -> None:
     with _lock:
         fast.clear()
         decisions.clear()
+        grad_choices.clear()
 
 
 control.on_change(clear)
@@ -61,12 +87,18 @@ def _bounded_put(d: dict, key, value) -> None:
     d[key] = value
 
 
-def decide(spec, prefs=None) -> Decision:
-    """The (cached) decision for a call description under the current configuration."""
+def decide(spec, prefs: tuple | None = None) -> Decision:
+    """The (cached) decision for a call description under the current configuration. A new one
+    counts as a selection in `lz.metrics()`. While the environment's configuration is invalid
+    (`control.environment_error`), raises ValueError saying so: nothing is decided under a
+    configuration the user did not get."""
     prefs = control.local.prefs if prefs is None else prefs
     dkey = (spec, prefs)
     d = decisions.get(dkey)
     if d is None:
+        env_error = getattr(control, "environment_error", None)
+        if env_error:
+            raise ValueError(env_error)
         gen = control.generation
         t0 = time.perf_counter()
         d = select(spec, registry.op_kernels(spec.op), control.effective, prefs)
@@ -81,6 +113,23 @@ def decide(spec, prefs=None) -> Decision:
     return d
 
 
+def _grad_choice(spec) -> str | None:
+    """The kernel a call described by `spec` would get, for `Entry`'s probe: asked once per call
+    description, neither counted as a selection nor kept as a decision (no call needed one yet;
+    one that does makes and counts it)."""
+    pkey = (spec, control.local.prefs)
+    try:
+        return grad_choices[pkey]
+    except KeyError:
+        pass
+    gen = control.generation
+    d = decisions.get(pkey) or select(spec, registry.op_kernels(spec.op), control.effective, pkey[1])
+    with _lock:
+        if gen == control.generation:
+            _bounded_put(grad_choices, pkey, d.chosen)
+    return d.chosen
+
+
 def _brief(spec) -> str:
     """The fields of a CallSpec that differ from their defaults, for the debug log."""
     defaults = {**spec._field_defaults, "sm": 0, "flags": []}
@@ -88,11 +137,14 @@ def _brief(spec) -> str:
                      if k not in defaults or v != defaults[k])
 
 
-def call(key, args, describe):
-    """Run an op: `key` is the raw cache key (holding this thread's `use` preferences), `args`
-    the op's arguments in signature order, `describe(*args)` validates them and returns the
-    CallSpec (only on a cache miss)."""
-    e = fast.get(key)
+def call(key: Hashable | None, args: tuple, describe: Callable[..., Any]) -> Any:
+    """Run an op: `key` is the raw cache key (holding this thread's `use` preferences; None when
+    the arguments could not make one), `args` the op's arguments in signature order,
+    `describe(*args)` validates them and returns the CallSpec (only on a cache miss)."""
+    try:
+        e = fast.get(key)
+    except TypeError:  # an unhashable argument (a list for a number): validation names it
+        key = e = None
     if e is None or health.state:
         return _call_slow(key, args, describe, e)
     try:
@@ -103,26 +155,28 @@ def call(key, args, describe):
     return out
 
 
-def recover(e: Entry, args, describe, exc: Exception):
-    """The cached kernel raised. Invalid input the raw key could not see (a k or v on another
-    device) raises its ValueError/TypeError; otherwise fall back to the next kernel."""
+def recover(e: Entry, args: tuple, describe: Callable[..., Any], exc: Exception) -> Any:
+    """The cached kernel raised. torch's control flow passes through; invalid input the raw key
+    could not see (a k or v on another device) raises its ValueError/TypeError; otherwise the
+    next kernels run (see `_run_chain`)."""
+    if control_flow(exc):
+        raise exc
     describe(*args)
-    first = e.decision.order[0]
-    _note_failure(first.id, e.spec, exc)
-    return _run_chain(e.spec, e.decision, args, True, first_exc=exc, skip=(first.id,))
+    return _run_chain(e.spec, e.decision, args, True, failed=((e.kernel_id, exc),))
 
 
-def entry_for(key, args, describe) -> Entry:
-    """Validate, describe and select for a call, caching the result under `key`."""
+def entry_for(key: Hashable | None, args: tuple, describe: Callable[..., Any]) -> Entry:
+    """Validate, describe and select for a call, caching the result under `key` (if any)."""
     gen = control.generation
     spec = describe(*args)
     d = decide(spec)
     if d.error:
         raise ValueError(d.error)
     e = Entry(spec, d)
-    with _lock:
-        if gen == control.generation:
-            _bounded_put(fast, key, e)
+    if key is not None:
+        with _lock:
+            if gen == control.generation:
+                _bounded_put(fast, key, e)
     return e
 
 
@@ -135,36 +189,47 @@ def _call_slow(key, args, describe, e):
     return _run_chain(e.spec, e.decision, args, hit)
 
 
-def _run_chain(spec, decision: Decision, args, hit: bool, first_exc=None, skip=()):
-    """Try the decision's kernels in order, honouring circuit breakers."""
+def _run_chain(spec, decision: Decision, args, hit: bool, failed=()):
+    """Try the decision's kernels in order, honouring circuit breakers. `failed`: (kernel id,
+    exception) of the kernels that already raised on this call. Their failures count (logged,
+    `fallbacks`, breaker) once a later kernel succeeds; if none does, the first error is raised
+    and no kernel is marked: the call itself is at fault, not the kernels."""
+    failed = list(failed)
+    tried = {kid for kid, _ in failed}
     for k in decision.order:
-        if k.id in skip or not health.allows(k.id, spec):
+        if k.id in tried or not health.allows(k.id, spec):
             continue
         try:
             out = k.fn(*args)
         except Exception as exc:
-            _note_failure(k.id, spec, exc)
-            first_exc = first_exc or exc
+            if control_flow(exc):
+                raise
+            failed.append((k.id, exc))
             continue
+        for kid, exc in failed:
+            _note_failure(kid, k.id, spec, exc)
         health.success(k.id, spec)
         telemetry.count_call((spec.op, k.id, hit))
         return out
-    if first_exc is not None:
-        raise first_exc
+    if failed:
+        raise failed[0][1]
     raise RuntimeError(f"every kernel that can run this {spec.op} call is cooling down after "
                        f"failures ({', '.join(k.id for k in decision.order)}); "
                        f"see lz.metrics()['fallbacks']")
 
 
-def _note_failure(kernel_id: str, spec, exc: Exception) -> None:
-    health.failure(kernel_id, spec)
+def _note_failure(kernel_id: str, ran: str, spec, exc: Exception) -> None:
+    """`kernel_id` raised `exc` on a call that kernel `ran` then ran: count, log and warn (once);
+    record it in the kernel's breaker. Strict mode raises instead, and records no breaker state:
+    a kernel cooled down would be skipped silently, a fallback strict mode forbids."""
     telemetry.count_fallback(kernel_id)
     if control.strict:
         raise RuntimeError(f"layerzero strict mode: kernel {kernel_id} raised on {spec.op} "
                            f"({type(exc).__name__}: {exc})") from exc
+    health.failure(kernel_id, spec)
     first_line = (str(exc).strip().splitlines() or [""])[0][:300]
     msg = (f"layerzero: kernel {kernel_id} raised {type(exc).__name__} on a {spec.op} call; "
-           f"falling back to the next eligible kernel ({first_line})")
+           f"fell back to {ran} ({first_line})")
     log.warning(msg)
     once = (kernel_id, type(exc))
     if once not in _warned:

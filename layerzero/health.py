@@ -3,6 +3,10 @@
 A kernel that raises on a call is skipped for that call description once it has failed
 `threshold` times in a row (open); after `cooldown` seconds one trial call is let through
 (half-open); a success closes the breaker again.
+
+Only a kernel's own failure is recorded: a call it raised on that a later kernel then ran
+(`dispatch._run_chain`). The plain-PyTorch reference kernels, every op's last resort, are never
+cooled down.
 """
 from __future__ import annotations
 
@@ -31,9 +35,13 @@ def allows(kernel_id: str, spec) -> bool:
 
 
 MAX_ENTRIES = 4096  # distinct (kernel, call) failure records kept; the oldest go first
+LAST_RESORT = "reference."  # kernel ids that are never cooled down
 
 
 def failure(kernel_id: str, spec) -> None:
+    """Record one failure of `kernel_id` on a call described by `spec`."""
+    if kernel_id.startswith(LAST_RESORT):
+        return
     with _lock:
         if len(state) >= MAX_ENTRIES and (kernel_id, spec) not in state:
             del state[next(iter(state))]

@@ -6,10 +6,13 @@ Kernels receive the op's arguments positionally, in the order of the op's signat
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
+from torch import Tensor
 
 from . import control, dispatch, health, validate
+from .call import CallSpec
 from .validate import window_tuple
 
 _local = control.local
@@ -18,7 +21,7 @@ _fast = dispatch.fast
 _breakers = health.state
 
 
-def _sig(t):
+def _sig(t: Any) -> tuple | None:
     """Metadata of an optional tensor argument that validation depends on."""
     if t is None:
         return None
@@ -27,8 +30,11 @@ def _sig(t):
     return (type(t),)  # not a tensor: never cached, validation raises
 
 
-def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0, window=None,
-              softcap=None, alibi_slopes=None, sinks=None, layout="bhsd", causal_align="top_left"):
+def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None,
+              is_causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+              window: tuple[int, int] | None = None, softcap: float | None = None,
+              alibi_slopes: Tensor | None = None, sinks: Tensor | None = None,
+              layout: str = "bhsd", causal_align: str = "top_left") -> Tensor:
     """Scaled dot-product attention; the fastest kernel that can run this call runs it.
 
     q: (B, Hq, Sq, D) for layout="bhsd" or (B, Sq, Hq, D) for "bshd"; k, v: (B, Hkv, Sk, D[v])
@@ -66,7 +72,7 @@ def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, dropout_p
             e = _fast[key]
     except KeyError:
         e = None
-    except AttributeError:  # not tensors: validation says which argument is wrong
+    except (AttributeError, TypeError):  # not tensors, or unhashable: validation says which
         key = e = None
     if e is not None and not _breakers:
         try:
@@ -90,58 +96,84 @@ def attention(q, k, v, *, attn_mask=None, is_causal=False, scale=None, dropout_p
                                alibi_slopes, sinks, layout, causal_align), validate.attention)
 
 
-def rms_norm(x, weight, eps=1e-6, *, residual=None, offset=0.0):
+# The other ops build their raw key in a try: an argument that is not a tensor has no .shape
+# (AttributeError), and validation, run on the miss that a None key is, names it.
+
+def rms_norm(x: Tensor, weight: Tensor | None, eps: float = 1e-6, *, residual: Tensor | None = None,
+             offset: float = 0.0) -> Tensor | tuple[Tensor, Tensor]:
     """y = x / sqrt(mean(x^2, -1) + eps) * (offset + weight), computed in fp32, returned in x's
     dtype. With `residual`: x = x + residual first, returns (y, x + residual). offset=1.0 is
     Gemma's (1 + w) form. `weight` may be None (no scale)."""
-    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
-    key = ("rms_norm", x.shape, x.dtype, x.device, _sig(weight), eps, _sig(residual), offset, grad,
-           _local.prefs)
+    try:
+        grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+        key = ("rms_norm", x.shape, x.dtype, x.device, _sig(weight), eps, _sig(residual), offset,
+               grad, _local.prefs)
+    except AttributeError:
+        key = None
     return dispatch.call(key, (x, weight, eps, residual, offset), validate.rms_norm)
 
 
-def layer_norm(x, weight, bias, eps=1e-5, *, residual=None):
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, *,
+               residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """As F.layer_norm over the last dim (weight/bias may be None); residual as in rms_norm."""
-    grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
-    key = ("layer_norm", x.shape, x.dtype, x.device, _sig(weight), _sig(bias), eps, _sig(residual),
-           grad, _local.prefs)
+    try:
+        grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+        key = ("layer_norm", x.shape, x.dtype, x.device, _sig(weight), _sig(bias), eps,
+               _sig(residual), grad, _local.prefs)
+    except AttributeError:
+        key = None
     return dispatch.call(key, (x, weight, bias, eps, residual), validate.layer_norm)
 
 
-def rope(q, k, cos, sin, *, layout="bhsd", interleaved=False):
+def rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, layout: str = "bhsd",
+         interleaved: bool = False) -> tuple[Tensor, Tensor]:
     """Rotary embedding as transformers' apply_rotary_pos_emb -> (q, k).
 
     cos/sin: (S, D_rot) or (B, S, D_rot); the first D_rot features of each head rotate, the rest
     pass through (partial rotary). interleaved=False rotates halves (llama); True rotates adjacent
     pairs (GPT-J), with cos/sin holding each angle twice in adjacent positions."""
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    key = ("rope", q.shape, k.shape, q.dtype, k.dtype, q.device, k.device, _sig(cos), _sig(sin),
-           layout, interleaved, grad, _local.prefs)
+    try:
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        key = ("rope", q.shape, k.shape, q.dtype, k.dtype, q.device, k.device, _sig(cos), _sig(sin),
+               layout, interleaved, grad, _local.prefs)
+    except AttributeError:
+        key = None
     return dispatch.call(key, (q, k, cos, sin, layout, interleaved), validate.rope)
 
 
-def swiglu(gate, up):
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     """silu(gate) * up, elementwise."""
-    grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
-    key = ("swiglu", gate.shape, up.shape, gate.dtype, up.dtype, gate.device, up.device, grad,
-           _local.prefs)
+    try:
+        grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
+        key = ("swiglu", gate.shape, up.shape, gate.dtype, up.dtype, gate.device, up.device, grad,
+               _local.prefs)
+    except AttributeError:
+        key = None
     return dispatch.call(key, (gate, up), validate.swiglu)
 
 
-def geglu(gate, up, approximate="none"):
+def geglu(gate: Tensor, up: Tensor, approximate: str = "none") -> Tensor:
     """gelu(gate, approximate) * up, elementwise."""
-    grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
-    key = ("geglu", gate.shape, up.shape, gate.dtype, up.dtype, gate.device, up.device, approximate,
-           grad, _local.prefs)
+    try:
+        grad = torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)
+        key = ("geglu", gate.shape, up.shape, gate.dtype, up.dtype, gate.device, up.device,
+               approximate, grad, _local.prefs)
+    except AttributeError:
+        key = None
     return dispatch.call(key, (gate, up, approximate), validate.geglu)
 
 
-def sample(logits, *, temperature=1.0, top_k=None, top_p=None, min_p=None, generator=None):
+def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, min_p: float | None = None,
+           generator: torch.Generator | None = None) -> Tensor:
     """One token id per row of (B, V) logits -> LongTensor (B,). temperature=0 is greedy;
     top_k / top_p / min_p filter as transformers' logits warpers (in that order)."""
     gen = None if generator is None else (type(generator), getattr(generator, "device", None))
-    key = ("sample", logits.shape, logits.dtype, logits.device, temperature, top_k, top_p, min_p,
-           gen, _local.prefs)
+    try:
+        key = ("sample", logits.shape, logits.dtype, logits.device, temperature, top_k, top_p,
+               min_p, gen, _local.prefs)
+    except AttributeError:
+        key = None
     return dispatch.call(key, (logits, temperature, top_k, top_p, min_p, generator), validate.sample)
 
 
@@ -152,13 +184,15 @@ DESCRIBE = {"attention": validate.attention, "rms_norm": validate.rms_norm,
             "geglu": validate.geglu, "sample": validate.sample}
 
 
-def bind(op: str, args, kwargs) -> tuple:
+def bind(op: str, args: tuple, kwargs: dict) -> tuple:
     """The op's arguments in signature order, defaults filled, as kernels receive them."""
     sig = inspect.signature(PUBLIC[op])
     try:
         bound = sig.bind(*args, **kwargs)
-    except TypeError as e:
-        raise TypeError(f"lz.{op}{sig}: {e}") from None
+    except TypeError as e:  # the signature as written, without its (string) annotations
+        plain = sig.replace(parameters=[p.replace(annotation=p.empty) for p in sig.parameters.values()],
+                            return_annotation=sig.empty)
+        raise TypeError(f"lz.{op}{plain}: {e}") from None
     bound.apply_defaults()
     vals = tuple(bound.arguments.values())
     if op == "attention" and vals[7] is not None:
@@ -166,7 +200,7 @@ def bind(op: str, args, kwargs) -> tuple:
     return vals
 
 
-def describe(op: str, args, kwargs):
+def describe(op: str, args: tuple, kwargs: dict) -> tuple[CallSpec, tuple]:
     """(CallSpec, bound args) for `lz.<op>(*args, **kwargs)`, validating like the op does."""
     vals = bind(op, args, kwargs)
     return DESCRIBE[op](*vals), vals

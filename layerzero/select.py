@@ -7,8 +7,11 @@ raised when nothing qualifies.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 from . import registry
+from .call import CallSpec
+from .policy import Policy
 
 
 @dataclass
@@ -21,7 +24,7 @@ class Candidate:
 
 @dataclass
 class Decision:
-    spec: object
+    spec: CallSpec
     chosen: str | None
     order: tuple                 # eligible Kernels, best first: the runtime fallback chain
     candidates: list[Candidate]
@@ -30,7 +33,9 @@ class Decision:
 
     def __str__(self) -> str:
         s = self.spec
-        head = f"{s.op} on {s.device}" + (f" sm{s.sm}" if s.sm else "") + f", {str(s.dtype)[6:]}"
+        brief = s.brief()
+        head = (f"{s.op} on {s.device}" + (f" sm{s.sm}" if s.sm else "") + f", {str(s.dtype)[6:]}"
+                + (f": {brief}" if brief else ""))
         lines = [head + (f" — {self.note}" if self.note else "")]
         w = max([len(c.kernel) for c in self.candidates] + [6])
         lines.append(f"  {'kernel':<{w}}  {'status':<11}  {'score':>5}  reasons")
@@ -53,7 +58,8 @@ def _preferred(kernels, prefs, op):
     return None, None
 
 
-def select(spec, kernels, policy, prefs=()) -> Decision:
+def select(spec: CallSpec, kernels: Iterable[registry.Kernel], policy: Policy,
+           prefs: tuple = ()) -> Decision:
     """Choose the kernel for `spec` among `kernels` (all registered for spec.op)."""
     cands: list[Candidate] = []
     eligible: list[tuple[int, int, object]] = []
