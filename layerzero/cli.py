@@ -5,19 +5,24 @@
     layerzero explain attention --q 1,32,2048,128 --kv-heads 8 --dtype bfloat16 --causal
     layerzero bench rms_norm --x 8,4096             time every eligible kernel and lz's pick
     layerzero tune                                  (needs the performance DB: not available yet)
+    layerzero --version                             layerzero X (torch Y)
 
 `explain OP` and `bench OP` describe one call with per-op options (`layerzero explain OP --help`).
 `explain` builds the call on the meta device, so it allocates nothing, and asks the selector what
-would run on --device (default: cuda when there is one, else cpu); with --device cuda --sm 90 it
-describes an H100 this machine doesn't have. `bench` allocates the call's tensors on --device.
+would run on --device (default: cuda when there is one, else cpu; a device this machine has); with
+--device cuda --sm 90 it describes an H100 this machine doesn't have. `bench` allocates the call's
+tensors on --device and reports each kernel on stderr as it is timed.
 Output is a table (rich's, on a terminal, when rich is installed); --json prints JSON instead.
-Bad arguments exit with status 2 and a message; `explain` exits 1 when no kernel can run the call.
+Bad arguments exit with status 2 and a message (an unknown option with its command's usage);
+`explain` exits 1 when no kernel can run the call. With a bad LAYERZERO_* variable
+(`control.environment_error`) `doctor` reports it and exits 1, every other command exits 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -88,6 +93,17 @@ def _dims(count: int | None, names: str):
     return parse
 
 
+def _count(text: str) -> int:
+    """argparse type: a positive int (a count of heads, keys or features; 0 is not one)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
 def _window(text: str) -> tuple[int, int]:
     try:
         left, right = (int(p) for p in text.split(","))
@@ -96,19 +112,44 @@ def _window(text: str) -> tuple[int, int]:
     return left, right
 
 
+_NEGATIVE_PAIR = re.compile(r"-\d+,-?\d+")
+
+
+def _join_windows(argv: list[str]) -> list[str]:
+    """`--window -1,0` as `--window=-1,0`: argparse takes a value that starts with '-' (and is
+    not a plain negative number) for an option, so it would say "expected one argument"."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--window" and _NEGATIVE_PAIR.fullmatch(arg):
+            out[-1] = f"--window={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _command(sub, name: str, **kw) -> argparse.ArgumentParser:
+    """A (sub)command's parser, which records itself in the namespace: arguments no parser knows
+    are then reported with the usage of the innermost command given (see `main`)."""
+    p = sub.add_parser(name, **kw)
+    p.set_defaults(usage_of=p)
+    return p
+
+
 def _add_op_parsers(command: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     ops = command.add_subparsers(dest="op", metavar="OP", required=True,
                                  title="ops", description=", ".join(OPS))
-    a = ops.add_parser("attention", parents=[common], help="lz.attention")
+    a = _command(ops, "attention", parents=[common], help="lz.attention")
     a.add_argument("--q", type=_dims(4, "B,H,S,D"), default=(1, 8, 128, 64), metavar="B,H,S,D",
                    help="q's batch, heads, sequence and head_dim, whatever the layout (default 1,8,128,64)")
-    a.add_argument("--kv-heads", type=int, help="k/v heads (default: q's; fewer = GQA/MQA)")
-    a.add_argument("--seq-k", type=int, help="k/v sequence length (default: q's)")
-    a.add_argument("--head-dim-v", type=int, help="v's head_dim (default: q's)")
+    a.add_argument("--kv-heads", type=_count, help="k/v heads (default: q's; fewer = GQA/MQA)")
+    a.add_argument("--seq-k", type=_count, help="k/v sequence length (default: q's)")
+    a.add_argument("--head-dim-v", type=_count, help="v's head_dim (default: q's)")
     a.add_argument("--layout", choices=("bhsd", "bshd"), default="bhsd")
     a.add_argument("--causal", action="store_true")
     a.add_argument("--causal-align", choices=("top_left", "bottom_right"), default="top_left")
-    a.add_argument("--window", type=_window, metavar="LEFT,RIGHT", help="sliding window")
+    a.add_argument("--window", type=_window, metavar="LEFT,RIGHT",
+                   help="sliding window: each query sees LEFT keys before its position and RIGHT "
+                        "after, -1 = unbounded (e.g. --window -1,0 or --window=-1,0)")
     a.add_argument("--softcap", type=float)
     a.add_argument("--alibi", action="store_true", help="pass ALiBi slopes (Hq,)")
     a.add_argument("--sinks", action="store_true", help="pass attention-sink logits (Hq,)")
@@ -116,7 +157,7 @@ def _add_op_parsers(command: argparse.ArgumentParser, common: argparse.ArgumentP
     a.add_argument("--dropout", type=float, default=0.0, metavar="P")
     a.add_argument("--scale", type=float)
     for name in ("rms_norm", "layer_norm"):
-        p = ops.add_parser(name, parents=[common], help=f"lz.{name}")
+        p = _command(ops, name, parents=[common], help=f"lz.{name}")
         p.add_argument("--x", type=_dims(None, "...,HIDDEN"), default=(4, 1024), metavar="...,HIDDEN",
                        help="x's shape, the last dim normalised (default 4,1024)")
         p.add_argument("--residual", action="store_true")
@@ -126,19 +167,19 @@ def _add_op_parsers(command: argparse.ArgumentParser, common: argparse.ArgumentP
             p.add_argument("--offset", type=float, default=0.0, help="1.0 = Gemma's (1 + w)")
         else:
             p.add_argument("--no-bias", action="store_true")
-    p = ops.add_parser("rope", parents=[common], help="lz.rope")
+    p = _command(ops, "rope", parents=[common], help="lz.rope")
     p.add_argument("--q", type=_dims(4, "B,H,S,D"), default=(1, 8, 128, 64), metavar="B,H,S,D")
-    p.add_argument("--kv-heads", type=int)
-    p.add_argument("--rot-dim", type=int, help="rotated features per head (default: head_dim)")
+    p.add_argument("--kv-heads", type=_count, help="k heads (default: q's)")
+    p.add_argument("--rot-dim", type=_count, help="rotated features per head (default: head_dim)")
     p.add_argument("--layout", choices=("bhsd", "bshd"), default="bhsd")
     p.add_argument("--interleaved", action="store_true")
     for name in ("swiglu", "geglu"):
-        p = ops.add_parser(name, parents=[common], help=f"lz.{name}")
+        p = _command(ops, name, parents=[common], help=f"lz.{name}")
         p.add_argument("--x", type=_dims(None, "...,HIDDEN"), default=(4, 4096), metavar="...,HIDDEN",
                        help="shape of gate and up (default 4,4096)")
         if name == "geglu":
             p.add_argument("--approximate", choices=("none", "tanh"), default="none")
-    p = ops.add_parser("sample", parents=[common], help="lz.sample")
+    p = _command(ops, "sample", parents=[common], help="lz.sample")
     p.add_argument("--x", type=_dims(2, "B,V"), default=(4, 32000), metavar="B,V",
                    help="logits' shape (default 4,32000)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -160,9 +201,10 @@ def build_call(a: argparse.Namespace, device: str) -> tuple[tuple, dict]:
 
     if a.op in ("attention", "rope"):
         b, h, s, d = a.q
-        hk = a.kv_heads or h
+        hk = h if a.kv_heads is None else a.kv_heads
         if a.op == "attention":
-            sk, dv = a.seq_k or s, a.head_dim_v or d
+            sk = s if a.seq_k is None else a.seq_k
+            dv = d if a.head_dim_v is None else a.head_dim_v
         else:
             sk, dv = s, d
         shapes = [(b, h, s, d), (b, hk, sk, d), (b, hk, sk, dv)]
@@ -170,7 +212,7 @@ def build_call(a: argparse.Namespace, device: str) -> tuple[tuple, dict]:
             shapes = [(x[0], x[2], x[1], x[3]) for x in shapes]
         q, k, v = (t(*shape) for shape in shapes)
         if a.op == "rope":
-            rot = a.rot_dim or d
+            rot = d if a.rot_dim is None else a.rot_dim
             cos, sin = t(s, rot, grad=False), t(s, rot, grad=False)
             return (q, k, cos, sin), {"layout": a.layout, "interleaved": a.interleaved}
         kw = {"is_causal": a.causal, "causal_align": a.causal_align, "layout": a.layout,
@@ -203,10 +245,12 @@ def build_call(a: argparse.Namespace, device: str) -> tuple[tuple, dict]:
 
 
 def _target(a: argparse.Namespace, *, real: bool) -> tuple[str, int]:
-    """(device type, sm) the call is described for; real=True: it must exist here."""
+    """(device type, sm) the call is described for. The device must exist here, except a CUDA
+    GPU described by --sm (explain only: real=False)."""
     import torch
 
     from .call import device_sm
+    from .doctor import devices
 
     name = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -221,12 +265,13 @@ def _target(a: argparse.Namespace, *, real: bool) -> tuple[str, int]:
         if not torch.cuda.is_available():
             hint = "" if real else "; pass --sm (e.g. 90 for H100) to describe one"
             raise UsageError(f"no CUDA device here{hint}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
         return dev.type, device_sm(dev if dev.index is not None else torch.device("cuda"))
-    if real and dev.type != "cpu":
-        try:
-            torch.empty(1, device=dev)
-        except Exception as e:
-            raise UsageError(f"--device {name!r} can't be used here: {e}") from None
+    here = list(dict.fromkeys(d for d, _ in devices()))
+    if dev.type not in here:
+        raise UsageError(f"--device {name!r} is not available here; devices here: {', '.join(here)}")
     return dev.type, 0
 
 
@@ -239,6 +284,7 @@ def _apply_policy(a: argparse.Namespace) -> None:
 # ---- commands -------------------------------------------------------------------------------
 
 def cmd_doctor(a) -> int:
+    """The report; exit status 1 when it lists problems (a bad LAYERZERO_* variable)."""
     import layerzero as lz
 
     report = lz.doctor()
@@ -252,7 +298,9 @@ def cmd_doctor(a) -> int:
         table("packages", ["package", "version", "state"],
               [[p["package"], p["version"] or "-", p["state"]] for p in d["packages"]])
         _print_kernels(report.kernels)
-    return 0
+        if report.problems:
+            table("problems", ["problem"], [[m] for m in report.problems])
+    return 1 if report.problems else 0
 
 
 def _print_kernels(rows) -> None:
@@ -262,9 +310,9 @@ def _print_kernels(rows) -> None:
 
 
 def cmd_kernels(a) -> int:
-    import layerzero as lz
+    from .doctor import kernel_rows
 
-    rows = lz.kernels(a.op)
+    rows = kernel_rows(a.op)
     if a.json:
         _json([r._asdict() for r in rows])
     else:
@@ -356,19 +404,32 @@ def cmd_bench(a) -> int:
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     grad = contextlib.nullcontext() if a.grad else torch.no_grad()
     results = []
+    runnable = [c for c in d.candidates if c.status in ("chosen", "eligible")]
+    n = len(runnable) + 1
+
+    def progress(i: int, name: str, done: str | None = None) -> None:
+        """`bench: [i/n] name ...` on stderr while it runs, the time when done."""
+        if done is None:
+            print(f"bench: [{i}/{n}] {name} ...", end="", file=sys.stderr, flush=True)
+        else:
+            print(f" {done}", file=sys.stderr, flush=True)
+
     with grad:
-        for c in d.candidates:
-            if c.status not in ("chosen", "eligible"):
-                continue
+        for i, c in enumerate(runnable, 1):
             row = {"kernel": c.kernel, "status": c.status, "score": c.score}
+            progress(i, c.kernel)
             try:
                 ts, number = _time(registry.get(c.kernel).fn, vals, a.warmup, a.repeat, sync)
                 row.update(median_s=statistics.median(ts), min_s=min(ts), calls_per_sample=number)
+                progress(i, c.kernel, f"{row['median_s'] * 1e3:.4f} ms")
             except Exception as e:  # a kernel that fails here is reported, not fatal
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                progress(i, c.kernel, f"failed ({row['error']})")
             results.append(row)
         public = ops.PUBLIC[a.op]
+        progress(n, f"lz.{a.op}")
         ts, number = _time(lambda *args: public(*args, **kwargs), args, a.warmup, a.repeat, sync)
+        progress(n, f"lz.{a.op}", f"{statistics.median(ts) * 1e3:.4f} ms")
     timed = [r for r in results if "median_s" in r]
     fastest = min(timed, key=lambda r: r["median_s"])["kernel"] if timed else None
     pick = {"kernel": d.chosen, "median_s": statistics.median(ts), "min_s": min(ts),
@@ -395,6 +456,28 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_warmup(a) -> int:
+    """Build what the described call's kernels need (FlashInfer JIT variants, flex compiles) and
+    wait; exit 1 when a build failed or was still running at --timeout."""
+    from .warmup import warmup
+
+    _apply_policy(a)
+    device, _ = _target(a, real=True)
+    args, kwargs = build_call(a, a.device or device)
+    t0 = time.perf_counter()
+    report = warmup(a.op, *args, timeout=a.timeout, **kwargs)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    if a.json:
+        _json(report)
+    else:
+        rows = ([[w, "built"] for w in report["built"]] + [[w, "ready"] for w in report["ready"]]
+                + [[w, f"failed: {e}"] for w, e in report["failed"].items()]
+                + [[w, "still building"] for w in report["building"]])
+        table(f"warmup {a.op} ({report['seconds']} s)", ["variant", "state"], rows,
+              f"the call now runs {report['kernel']}")
+    return 1 if report["failed"] or report["building"] else 0
+
+
 def cmd_tune(a) -> int:
     print("layerzero: error: `layerzero tune` needs LayerZero's performance database, which is not "
           "implemented yet, so there is nothing to store timings in. `layerzero bench OP ...` times "
@@ -404,16 +487,24 @@ def cmd_tune(a) -> int:
 
 # ---- entry point ----------------------------------------------------------------------------
 
+def _version() -> str:
+    import torch
+
+    from . import __version__
+    return f"layerzero {__version__} (torch {torch.__version__})"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="layerzero", description="LayerZero: which kernel runs each "
                                 "PyTorch op call, and why.")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     out = argparse.ArgumentParser(add_help=False)
     out.add_argument("--json", action="store_true", help="machine-readable JSON output")
 
-    s = sub.add_parser("doctor", parents=[out], help="device, versions and every backend's state")
+    s = _command(sub, "doctor", parents=[out], help="device, versions and every backend's state")
     s.set_defaults(run=cmd_doctor)
-    s = sub.add_parser("kernels", parents=[out], help="registered kernels and whether they can run here")
+    s = _command(sub, "kernels", parents=[out], help="registered kernels and whether they can run here")
     s.add_argument("--op", choices=OPS, help="only this op's kernels")
     s.set_defaults(run=cmd_kernels)
 
@@ -425,7 +516,7 @@ def parser() -> argparse.ArgumentParser:
     explain_opts = argparse.ArgumentParser(add_help=False, parents=[common])
     explain_opts.add_argument("--sm", type=int, help="describe a CUDA GPU of this compute "
                               "capability x10 (90 = H100) instead of the one here")
-    s = sub.add_parser("explain", help="which kernel would run a described call, and why not the others")
+    s = _command(sub, "explain", help="which kernel would run a described call, and why not the others")
     _add_op_parsers(s, explain_opts)
     s.set_defaults(run=cmd_explain)
     bench_opts = argparse.ArgumentParser(add_help=False, parents=[common])
@@ -433,19 +524,33 @@ def parser() -> argparse.ArgumentParser:
                             help="timed samples per kernel, each >= 2 ms of calls (default 20)")
     bench_opts.add_argument("--warmup", type=int, default=3, help="untimed calls first (default 3)")
     bench_opts.set_defaults(sm=None)
-    s = sub.add_parser("bench", help="time every eligible kernel of a described call, and lz's pick")
+    s = _command(sub, "bench", help="time every eligible kernel of a described call, and lz's pick")
     _add_op_parsers(s, bench_opts)
     s.set_defaults(run=cmd_bench)
-    s = sub.add_parser("tune", help="measure kernels into the performance DB (not available yet)")
+    warmup_opts = argparse.ArgumentParser(add_help=False, parents=[common])
+    warmup_opts.add_argument("--timeout", type=float, help="seconds to wait for builds (default: no limit)")
+    warmup_opts.set_defaults(sm=None)
+    s = _command(sub, "warmup", help="build ahead what a described call's kernels need, and wait")
+    _add_op_parsers(s, warmup_opts)
+    s.set_defaults(run=cmd_warmup)
+    s = _command(sub, "tune", help="measure kernels into the performance DB (not available yet)")
     s.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     s.set_defaults(run=cmd_tune)
     return p
 
 
 def main(argv=None) -> int:
-    """Run the command line; returns the exit status (2: bad arguments)."""
+    """Run the command line; returns the exit status (2: bad arguments or a bad LAYERZERO_*
+    environment variable, see docs/telemetry.md)."""
+    from . import control
+
     p = parser()
-    a = p.parse_args(argv)
+    a, unknown = p.parse_known_args(_join_windows(sys.argv[1:] if argv is None else list(argv)))
+    if unknown:
+        getattr(a, "usage_of", p).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if control.environment_error and a.command != "doctor":
+        print(f"layerzero: error: {control.environment_error}", file=sys.stderr)
+        return 2
     try:
         return a.run(a)
     except (UsageError, ValueError, TypeError) as e:

@@ -28,6 +28,8 @@ strict = False
 file_policy = _policy.Policy()
 lock_rules: tuple = ()         # from lz.lock(), after the file policy: they win
 effective = _policy.Policy()
+environment_error: str | None = None   # why LAYERZERO_* settings were not applied (ops raise it)
+environment_errors: dict[str, str] = {}       # variable -> its message, in load_environment's order
 _listeners: list[Callable[[], None]] = []
 _lock = threading.RLock()
 
@@ -54,20 +56,31 @@ def _rebuild() -> None:
     changed()
 
 
+def _clear_env_error(name: str) -> None:
+    """An explicit setting replaced what environment variable `name` asked for."""
+    global environment_error
+    if environment_errors.pop(name, None) is not None:
+        environment_error = "; ".join(environment_errors.values()) or None
+
+
 def configure(*, policy=None, strict: bool | None = None) -> None:
     """Set the selection policy (a dict, a YAML path, or a list of them) and/or strict mode.
 
-    `policy={}` clears it. `strict=True` turns every runtime fallback into an error.
+    `policy={}` clears it. `strict=True` turns every runtime fallback into an error. Nothing
+    changes if either is invalid. A setting made here replaces a bad LAYERZERO_POLICY /
+    LAYERZERO_STRICT (see `load_environment`).
     """
     global file_policy
-    g = globals()
+    if strict is not None and not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool, got {strict!r}")
+    loaded = _policy.load(policy) if policy is not None else None
     with _lock:
         if strict is not None:
-            if not isinstance(strict, bool):
-                raise TypeError(f"strict must be a bool, got {strict!r}")
-            g["strict"] = strict
-        if policy is not None:
-            file_policy = _policy.load(policy)
+            globals()["strict"] = strict
+            _clear_env_error("LAYERZERO_STRICT")
+        if loaded is not None:
+            file_policy = loaded
+            _clear_env_error("LAYERZERO_POLICY")
         _rebuild()
 
 
@@ -78,6 +91,11 @@ def lock(op: str, kernel_id: str, **when) -> None:
     """
     global lock_rules
     registry.check_op(op)
+    if not isinstance(kernel_id, str):
+        raise TypeError(f"kernel_id must be a kernel id string, got {type(kernel_id).__name__}")
+    glob = _policy.lock_glob_error(kernel_id)
+    if glob:
+        raise ValueError(f"lz.lock({op!r}, {kernel_id!r}): {glob}")
     k = registry.get(kernel_id)
     if k.op != op:
         raise ValueError(f"kernel {kernel_id!r} implements op {k.op!r}, not {op!r}")
@@ -129,22 +147,58 @@ def use(target: str, op: str | None = None):
             uses_active -= 1
 
 
+def _env_log(value: str) -> None:
+    if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("is not a log level; allowed: debug, info, warning, error, critical")
+    log.setLevel(value.upper())
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+        log.addHandler(h)
+
+
+def _env_strict(value: str) -> None:
+    if value.lower() not in ("0", "1", "true", "false", "yes", "no"):
+        raise ValueError("is not a flag; allowed: 0, 1, true, false, yes, no")
+    configure(strict=value.lower() in ("1", "true", "yes"))
+
+
+def _env_policy(value: str) -> None:
+    try:
+        configure(policy=value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"can't be used: {e}") from None
+
+
+_ENVIRONMENT = (("LAYERZERO_LOG", _env_log), ("LAYERZERO_STRICT", _env_strict),
+                ("LAYERZERO_POLICY", _env_policy))
+
+
 def load_environment() -> None:
-    """Apply LAYERZERO_POLICY, LAYERZERO_STRICT and LAYERZERO_LOG."""
-    level = os.environ.get("LAYERZERO_LOG")
-    if level:
-        if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ValueError(f"LAYERZERO_LOG={level!r}; allowed: debug, info, warning, error, critical")
-        log.setLevel(level.upper())
-        if not log.handlers:
-            h = logging.StreamHandler()
-            h.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
-            log.addHandler(h)
-    flag = os.environ.get("LAYERZERO_STRICT")
-    if flag:
-        if flag.lower() not in ("0", "1", "true", "false", "yes", "no"):
-            raise ValueError(f"LAYERZERO_STRICT={flag!r}; allowed: 0, 1, true, false, yes, no")
-        configure(strict=flag.lower() in ("1", "true", "yes"))
-    path = os.environ.get("LAYERZERO_POLICY")
-    if path:
-        configure(policy=path)
+    """Apply LAYERZERO_LOG, LAYERZERO_STRICT and LAYERZERO_POLICY (when set), each on its own.
+
+    Never raises: a bad value is not applied; its message (the variable, the value, what is
+    allowed) goes into `environment_error` (several joined by "; ") and is logged once at ERROR
+    level. While it is set every op call raises it. `configure(strict=...)` / `configure(policy=...)`
+    replaces a bad LAYERZERO_STRICT / LAYERZERO_POLICY; calling this again re-reads all three.
+    """
+    global environment_error
+    errors = {}
+    for name, apply in _ENVIRONMENT:
+        value = os.environ.get(name)
+        if value:
+            try:
+                apply(value)
+            except ValueError as e:
+                errors[name] = f"{name}={value!r} {e}"
+    with _lock:
+        had = environment_error
+        environment_errors.clear()
+        environment_errors.update(errors)
+        environment_error = "; ".join(errors.values()) or None
+    if had or errors:
+        changed()   # cached decisions were made under the old state
+    if errors:
+        log.error("layerzero: ignoring the environment: %s. Until this is fixed every op call raises "
+                  "this error (lz.configure(policy=...) / lz.configure(strict=...) replaces a bad "
+                  "LAYERZERO_POLICY / LAYERZERO_STRICT).", environment_error)

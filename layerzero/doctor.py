@@ -1,4 +1,11 @@
-"""`lz.doctor()`: the machine, torch, and every backend's state with the reason when unusable."""
+"""`lz.doctor()`: the machine, torch, and every backend's state with the reason when unusable.
+
+A kernel is listed as available when its modules import and it can run on a device this machine
+has: its `supports()` accepts an ordinary call of its op (`sample_calls`: a prefill and a decode
+attention call, a norm over 64 features, ..., in float32, bfloat16 and float16) on one of the
+devices here. So a CUDA-only kernel is not "available" on a machine without CUDA, whatever its
+name, and a plugin's kernel states its devices the same way, through its reasons.
+"""
 from __future__ import annotations
 
 import importlib.metadata
@@ -7,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import registry
-from .inspect import kernels
+from . import control, registry
+from .inspect import KernelInfo, kernels
 
 # Optional packages LayerZero knows how to use: (distribution, the module its kernels require,
 # GPU compute capabilities its kernels are used on: (min, max) or None).
@@ -49,16 +56,95 @@ def _version(dist: str) -> str | None:
         return None
 
 
+# ---- which devices a kernel runs on ------------------------------------------------------------
+
+def devices() -> list[tuple[str, int]]:
+    """(device type, sm) of each kind of device here: cpu; cuda once per compute capability
+    (sm = capability x10); mps and xpu when torch has them."""
+    here = [("cpu", 0)]
+    if torch.cuda.is_available():
+        sms = {a * 10 + b for a, b in map(torch.cuda.get_device_capability,
+                                          range(torch.cuda.device_count()))}
+        here += [("cuda", sm) for sm in sorted(sms)]
+    mps, xpu = getattr(torch.backends, "mps", None), getattr(torch, "xpu", None)
+    here += [("mps", 0)] * bool(mps is not None and mps.is_available())
+    here += [("xpu", 0)] * bool(xpu is not None and xpu.is_available())
+    return here
+
+
+# op -> ordinary calls of it: (argument shapes, keyword arguments)
+_CALLS = {
+    "attention": [([(1, 4, 16, 64)] * 3, {"is_causal": True}),                      # prefill
+                  ([(1, 4, 1, 64), (1, 4, 16, 64), (1, 4, 16, 64)], {})],            # decode
+    "rms_norm": [([(2, 64), (64,)], {})],
+    "layer_norm": [([(2, 64), (64,), (64,)], {})],
+    "rope": [([(1, 4, 16, 64), (1, 4, 16, 64), (16, 64), (16, 64)], {})],
+    "swiglu": [([(2, 64), (2, 64)], {})],
+    "geglu": [([(2, 64), (2, 64)], {"approximate": "none"}), ([(2, 64), (2, 64)], {"approximate": "tanh"})],
+    "sample": [([(2, 64)], {}), ([(2, 64)], {"top_k": 8})],
+}
+
+
+def sample_calls(op: str, device: str, sm: int) -> list:
+    """CallSpecs of ordinary `op` calls on `device` (CUDA: of compute capability `sm`), in
+    float32, bfloat16 and float16; built by the op's own validation from meta tensors."""
+    from . import ops
+
+    specs = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for shapes, kwargs in _CALLS[registry.check_op(op)]:
+            args = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
+            spec, _ = ops.describe(op, args, kwargs)
+            specs.append(spec._replace(device=device, sm=sm))
+    return specs
+
+
+def _device_reason(k, here) -> str | None:
+    """None when kernel `k` accepts some ordinary call on one of the devices `here`; else its
+    reasons on each (those of the call it objects to least)."""
+    per_device = []
+    for device, sm in here:
+        fewest = None
+        for spec in sample_calls(k.op, device, sm):
+            try:
+                reasons = k.reasons(spec)
+            except Exception as e:  # a broken supports() is reported, not raised
+                reasons = [f"supports() raised {type(e).__name__}: {e}"]
+            if not reasons:
+                return None
+            if fewest is None or len(reasons) < len(fewest):
+                fewest = reasons
+        per_device.append(f"{device}{f' sm{sm}' if sm else ''}: {'; '.join(fewest)}")
+    return "runs on none of this machine's devices: " + "; ".join(per_device)
+
+
+def kernel_rows(op: str | None = None) -> list[KernelInfo]:
+    """`lz.kernels(op)`, where a kernel whose modules import but that runs on none of the
+    devices here is unavailable too, with its reasons per device."""
+    here = devices()
+    rows = []
+    for info in kernels(op):
+        if info.available:
+            why = _device_reason(registry.get(info.id), here)
+            if why:
+                info = info._replace(available=False, reason=why)
+        rows.append(info)
+    return rows
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
 @dataclass
 class Report:
     system: dict = field(default_factory=dict)
     packages: list = field(default_factory=list)   # (package, version or None, state)
     kernels: list = field(default_factory=list)    # KernelInfo
+    problems: list = field(default_factory=list)   # what stops LayerZero from running, in words
 
     def as_dict(self) -> dict:
         return {"system": self.system,
                 "packages": [dict(zip(("package", "version", "state"), p)) for p in self.packages],
-                "kernels": [k._asdict() for k in self.kernels]}
+                "kernels": [k._asdict() for k in self.kernels], "problems": self.problems}
 
     def __str__(self) -> str:
         lines = ["LayerZero doctor"]
@@ -74,6 +160,9 @@ class Report:
         if registry.entry_point_errors:
             lines.append("plugins that failed to load:")
             lines += [f"  {n}: {e}" for n, e in registry.entry_point_errors.items()]
+        if self.problems:
+            lines.append("problems (every op call raises until they are fixed):")
+            lines += [f"  {p}" for p in self.problems]
         return "\n".join(lines)
 
 
@@ -96,4 +185,4 @@ def doctor() -> Report:
         version = _version(dist)
         state = "not installed" if version is None else _state(registry.module_reason(mod), sms, need)
         packages.append((dist, version, state))
-    return Report(system, packages, kernels())
+    return Report(system, packages, kernel_rows(), list(control.environment_errors.values()))

@@ -338,6 +338,13 @@ def _check_names(rule: Rule, src: Source, path: tuple) -> None:
         _fail(src, path, f"no kernel matches both kernel {rule.kernel!r} and backend {rule.backend!r}")
 
 
+def lock_glob_error(kernel: str) -> str | None:
+    """Why `kernel` can't be locked (it is a glob, and a lock forces one kernel), or None."""
+    if any(c in kernel for c in "*?["):
+        return f"a lock names one kernel id, not a glob: {kernel!r}"
+    return None
+
+
 def _parse_rule(entry, section: str, i: int, src: Source, layer: int) -> Rule:
     path = (section, i)
     if not isinstance(entry, dict):
@@ -358,8 +365,9 @@ def _parse_rule(entry, section: str, i: int, src: Source, layer: int) -> Rule:
                 registry.check_op(entry["op"])
             except ValueError as e:
                 _fail(src, path + ("op",), str(e))
-        if any(c in entry["kernel"] for c in "*?["):
-            _fail(src, path + ("kernel",), f"a lock names one kernel id, not a glob: {entry['kernel']!r}")
+        glob = lock_glob_error(entry["kernel"])
+        if glob:
+            _fail(src, path + ("kernel",), glob)
         try:
             k = registry.get(entry["kernel"])
         except ValueError as e:
@@ -388,8 +396,10 @@ def from_dict(data, source: str = "policy dict", lines: dict | None = None) -> P
         if key not in SECTIONS:
             _fail(src, (key,), f"unknown key {key!r}; allowed: {', '.join(SECTIONS)}")
     version = data.get("version", 1)
-    if version != 1 or isinstance(version, bool):
-        _fail(src, ("version",), f"unsupported version {version!r}; allowed: 1")
+    if isinstance(version, str):
+        version = version.strip()      # `version: "1"` in YAML is the string "1": the same
+    if isinstance(version, bool) or version not in (1, "1"):
+        _fail(src, ("version",), f"unsupported version {version!r}; the only version is 1")
     parts = {}
     for section in ("locks", "allow", "deny", "boosts"):
         entries = data.get(section)

@@ -234,6 +234,19 @@ def _serve_stdlib(port: int, addr: str):
     return server
 
 
+def _closing(server):
+    """`server` whose `.shutdown()` also closes its socket: socketserver's stops the serving
+    loop but leaves the port bound, so a new server on it would fail with EADDRINUSE."""
+    stop = server.shutdown
+
+    def shutdown():
+        stop()
+        server.server_close()
+
+    server.shutdown = shutdown
+    return server
+
+
 class _Collector:
     """A prometheus_client collector that re-reads `prometheus()` on each scrape."""
 
@@ -245,7 +258,7 @@ class _Collector:
 def serve(port: int, addr: str = "127.0.0.1"):
     """Serve `prometheus()` at http://addr:port/metrics from a daemon thread: through
     prometheus_client when installed, else a small http.server. Returns the server (its
-    `.server_port` is the port, useful with port=0; `.shutdown()` stops it)."""
+    `.server_port` is the port, useful with port=0; `.shutdown()` stops it and frees the port)."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an int in 0..65535, got {port!r}")
     if not isinstance(addr, str):
@@ -253,11 +266,11 @@ def serve(port: int, addr: str = "127.0.0.1"):
     try:
         import prometheus_client
     except ImportError:
-        return _serve_stdlib(port, addr)
+        return _closing(_serve_stdlib(port, addr))
     registry = prometheus_client.CollectorRegistry(auto_describe=False)
     registry.register(_Collector())
     started = prometheus_client.start_http_server(port, addr, registry=registry)
-    return started[0] if isinstance(started, tuple) else started
+    return _closing(started[0] if isinstance(started, tuple) else started)
 
 
 # ---- OpenTelemetry ---------------------------------------------------------------------------

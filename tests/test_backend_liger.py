@@ -168,3 +168,22 @@ def test_real_liger_rope_under_triton_interpreter(tmp_path):
     p = subprocess.run([sys.executable, "-c", INTERPRETED_ROPE], capture_output=True, text=True,
                        env=env, timeout=300)
     assert p.returncode == 0 and "OK" in p.stdout, p.stdout + p.stderr
+
+
+def test_unavailable_reason_names_the_module_each_kernel_needs(monkeypatch):
+    """On a machine without CUDA (and no TRITON_INTERPRET), each Liger kernel is unavailable
+    because of the module it really needs, not because of the package's rms_norm module."""
+    from layerzero import registry
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "liger_kernel", module("liger_kernel"))   # found, not imported
+    for name in list(sys.modules):
+        if name.startswith("liger_kernel."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(registry, "_module_reasons", {})
+    needs = {"liger.rms_norm": "rms_norm", "liger.layer_norm": "layer_norm", "liger.rope": "rope",
+             "liger.swiglu": "swiglu", "liger.geglu": "geglu"}
+    for kid, mod in needs.items():
+        why = registry.unavailable_reason(registry.get(kid))
+        assert why.startswith(f"liger_kernel.ops.{mod} needs a CUDA GPU"), (kid, why)

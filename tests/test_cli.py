@@ -181,3 +181,67 @@ def test_rich_table_on_a_terminal(capsys, monkeypatch):
     cli.table("title", ["kernel", "reasons"], [["a.b", "needs [x]"]], "footer")
     out = capsys.readouterr().out
     assert "needs [x]" in out and "footer" in out and "─" in out
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["attention", "--kv-heads", "0"], "--kv-heads"),
+    (["attention", "--seq-k", "0"], "--seq-k"),
+    (["attention", "--head-dim-v", "-3"], "--head-dim-v"),
+    (["rope", "--rot-dim", "0"], "--rot-dim"),
+])
+def test_counts_of_zero_are_rejected_not_replaced(capsys, argv, option):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["explain", *argv, "--device", "cpu"])
+    assert e.value.code == 2
+    assert f"argument {option}: expected a positive integer, got '{argv[-1]}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("window", [["--window", "-1,0"], ["--window=-1,0"], ["--window", "-1,-1"]])
+def test_window_takes_a_negative_left_as_a_separate_argument(capsys, window):
+    code, out, err = run(capsys, "explain", "attention", *window, "--json")
+    assert code == 0, err
+    assert json.loads(out)["spec"]["window"] == [int(x) for x in window[-1].split("=")[-1].split(",")]
+    with pytest.raises(SystemExit):
+        cli.main(["explain", "attention", "--help"])
+    assert "--window -1,0" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["explain", "rms_norm", "--x", "2,8", "--bogus"], "usage: layerzero explain rms_norm"),
+    (["bench", "attention", "--sm", "90"], "usage: layerzero bench attention"),
+    (["doctor", "--bogus"], "usage: layerzero doctor"),
+])
+def test_unknown_option_prints_the_subcommands_usage(capsys, argv, usage):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(usage) and "unrecognized arguments" in err, err
+
+
+def test_device_must_exist_here(capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)   # as on Linux
+    for command in ("explain", "bench"):
+        code, _, err = run(capsys, command, "rms_norm", "--device", "mps")
+        assert code == 2 and "--device 'mps' is not available here" in err, err
+    code, _, err = run(capsys, "explain", "rms_norm", "--device", f"cuda:{torch.cuda.device_count()}",
+                       "--sm", "90")
+    assert code == 0, err                      # --sm describes a GPU: it need not be here
+
+
+def test_bench_reports_progress_on_stderr(capsys):
+    code, out, err = run(capsys, "bench", "rms_norm", "--x", "4,64", "--repeat", "2", "--warmup", "0",
+                         "--json")
+    assert code == 0
+    d = json.loads(out)
+    names = [r["kernel"] for r in d["kernels"]] + ["lz.rms_norm"]
+    lines = err.splitlines()
+    assert len(lines) == len(names)
+    for i, (line, name) in enumerate(zip(lines, names), 1):
+        assert line.startswith(f"bench: [{i}/{len(names)}] {name}") and " ms" in line, line
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"layerzero {lz.__version__} (torch {torch.__version__})\n"

@@ -224,11 +224,30 @@ def test_lz_lock_takes_when_conditions_and_raises_when_it_cannot_run():
         lz.lock("attention", "torch.sdpa_math", headdim=16)
 
 
+@pytest.mark.parametrize("kernel", ["torch.*", "torch.sdpa_?ath", "[t]orch.sdpa"])
+def test_lz_lock_with_a_glob_says_so_as_the_policy_file_does(kernel):
+    with pytest.raises(ValueError, match="not a glob") as file_error:
+        lz.configure(policy={"locks": [{"op": "attention", "kernel": kernel}]})
+    with pytest.raises(ValueError) as e:
+        lz.lock("attention", kernel)
+    assert str(e.value) == (f"lz.lock('attention', {kernel!r}): "
+                            f"a lock names one kernel id, not a glob: {kernel!r}")
+    assert str(file_error.value).endswith(str(e.value).split(": ", 1)[1])
+    assert control.lock_rules == ()
+
+
+def test_version_may_be_written_as_a_string():
+    for version in (1, "1", " 1 "):
+        assert policy.from_dict({"version": version}).sources == ("policy dict",)
+
+
 # ---- errors name the place -----------------------------------------------------------------
 
 @pytest.mark.parametrize("data, where, fragment", [
     ({"lock": []}, "policy dict (lock)", "unknown key 'lock'; allowed: version, locks, allow, deny, boosts"),
-    ({"version": 2}, "(version)", "unsupported version 2; allowed: 1"),
+    ({"version": 2}, "(version)", "unsupported version 2; the only version is 1"),
+    ({"version": "v1"}, "(version)", "unsupported version 'v1'; the only version is 1"),
+    ({"version": True}, "(version)", "unsupported version True; the only version is 1"),
     ({"locks": {"op": "attention"}}, "(locks)", "takes a list"),
     ({"locks": ["torch.sdpa"]}, "(locks[0])", "each locks entry is a mapping"),
     ({"locks": [{"op": "attn", "kernel": "torch.sdpa"}]}, "(locks[0].op)",

@@ -112,12 +112,26 @@ def supports_geglu(spec) -> list[str]:
     return r
 
 
-probe.define(_NORM, """
-from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-if dev:
-    x = torch.randn(4, 64, device=dev, dtype=torch.bfloat16)
-    LigerRMSNormFunction.apply(x, torch.ones(64, device=dev, dtype=torch.bfloat16), 1e-6, 0.0, "gemma", False)
-""", ("liger-kernel", "triton"), needs="cuda_or_interpreter")
+_LN, _GEGLU = "liger_kernel.ops.layer_norm", "liger_kernel.ops.geglu"
+
+
+def _probe(module: str, call: str) -> None:
+    """Probe `module` (crash-isolated, see probe.py): import its Liger function and, on a GPU, run
+    `call` on a (4, 64) bf16 `x` and a (64,) `w`. Each kernel requires only its own module, so an
+    unavailable kernel names the module it really needs."""
+    name = call.split(".")[0]
+    probe.define(module, f"from {module} import {name}\nif dev:\n"
+                 "    x = torch.randn(4, 64, device=dev, dtype=torch.bfloat16)\n"
+                 "    w = torch.ones(64, device=dev, dtype=torch.bfloat16)\n"
+                 f"    {call}\n", ("liger-kernel", "triton"), needs="cuda_or_interpreter")
+
+
+_probe(_NORM, 'LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "gemma", False)')
+_probe(_LN, "LigerLayerNormFunction.apply(x, w, w - 1, 1e-6)")
+_probe(_ROPE, "LigerRopeFunction.apply(x.view(1, 4, 1, 64), x.view(1, 4, 1, 64).clone(), "
+              "w[None, None], w[None, None])")                    # q, k (B, H, S, D); cos, sin
+_probe(_ACT, "LigerSiLUMulFunction.apply(x, x.clone())")
+_probe(_GEGLU, "LigerGELUMulFunction.apply(x, x.clone())")
 
 _big = priorities.by_size(60, 45, min_elems=1 << 23)
 # The gated activations have a torch form of two elementwise kernels (reference.swiglu, priority
@@ -126,8 +140,7 @@ _big = priorities.by_size(60, 45, min_elems=1 << 23)
 _gated = priorities.by_size(60, -1, min_elems=1 << 25)
 register("rms_norm", "liger.rms_norm", rms_norm, priority=_big, supports=supports_rms, requires=(_NORM,))
 register("layer_norm", "liger.layer_norm", layer_norm, priority=_big, supports=supports_layer_norm,
-         requires=(_NORM, "liger_kernel.ops.layer_norm"))
-register("rope", "liger.rope", rope, priority=priorities.gpu_only(55), supports=supports_rope, requires=(_NORM, _ROPE))
-register("swiglu", "liger.swiglu", swiglu, priority=_gated, supports=supports_swiglu, requires=(_NORM, _ACT))
-register("geglu", "liger.geglu", geglu, priority=_gated, supports=supports_geglu,
-         requires=(_NORM, "liger_kernel.ops.geglu"))
+         requires=(_LN,))
+register("rope", "liger.rope", rope, priority=priorities.gpu_only(55), supports=supports_rope, requires=(_ROPE,))
+register("swiglu", "liger.swiglu", swiglu, priority=_gated, supports=supports_swiglu, requires=(_ACT,))
+register("geglu", "liger.geglu", geglu, priority=_gated, supports=supports_geglu, requires=(_GEGLU,))
