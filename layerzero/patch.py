@@ -12,6 +12,10 @@ only when they agree. Nothing is written per model family.
   with a SiLU or GELU activation -> `lz.swiglu` / `lz.geglu`.
 - framework-specific parts (attention, RoPE, MoE experts) come from `layerzero.integrations.*`.
 
+Everything is changed on the model's own modules, never module-wide: another model of the same
+family in the process runs its library's code only (`with_globals` gives a patched module a copy
+of its forward reading LayerZero's versions of module-level helpers such as RoPE).
+
 A patched module gets its `forward` swapped on the instance; when accelerate hooks wrap the
 module (`_hf_hook`), the function the hook calls (`_old_forward`) is swapped instead, so the hook
 keeps moving weights. `unpatch` puts back exactly what was there. Every candidate appears in the
@@ -22,9 +26,11 @@ with optional packages without importing them.
 """
 from __future__ import annotations
 
+import dis
 import importlib.abc
 import importlib.util
 import logging
+import math
 import re
 import sys
 import threading
@@ -158,14 +164,6 @@ class Report:
 class _Record:
     report: Report
     undo: list[Callable] = field(default_factory=list)
-    finalizer: "weakref.finalize | None" = None   # releases shared globals if the model is dropped
-
-
-def _release_globals(fns: list) -> None:
-    """A patched model was garbage-collected without `unpatch`: drop its share of module-level
-    replacements (set_global), so they end with the last patched model either way."""
-    for fn in reversed(fns):
-        fn()
 
 
 _records: "weakref.WeakKeyDictionary[nn.Module, _Record]" = weakref.WeakKeyDictionary()
@@ -210,39 +208,85 @@ def set_attr(obj, name: str, value, undo: list) -> None:
     undo.append(lambda: setattr(obj, name, old) if had else delattr(obj, name))
 
 
-_globals: dict[tuple[str, str], list] = {}   # (module name, attr) -> [original, users]
+def watch(module: nn.Module, undo: list) -> None:
+    """Give a patched module the set its calls note their sizes in (`observe`)."""
+    set_attr(module, "_lz_seen", set(), undo)
 
 
-def set_global(module, name: str, value, undo: list) -> None:
-    """module.name = value while at least one patched model needs it (reference-counted across
-    models: module-level functions are shared by every model of that family in the process)."""
-    key = (module.__name__, name)
+def observe(module: nn.Module, key) -> None:
+    """Note that `module` made a call of sizes `key`: an input's shape, or (batch, Sq, Sk) for
+    attention. `lz.explain(model)` shows each module the decisions for these only. Not while
+    torch.compile traces (the set would be a side effect of the graph)."""
+    seen = module.__dict__.get("_lz_seen")
+    if seen is not None and not torch.compiler.is_compiling():
+        seen.add(key)
+
+
+# Module-level functions (a modeling module's `apply_rotary_pos_emb`, diffusers' attention
+# helpers) are shared by every model in the process, and torch.compile may be tracing any of them:
+# LayerZero never reassigns one. A patched module instead runs a copy of its own code whose global
+# names resolve to LayerZero's functions (`with_globals`), so only the patched model sees them.
+
+def global_names(code) -> set:
+    """Names `code` and the functions nested in it read as globals."""
+    names = {ins.argval for ins in dis.get_instructions(code) if ins.opname == "LOAD_GLOBAL"}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= global_names(const)
+    return names
+
+
+def rebound_module(g: dict, rebind: dict) -> dict:
+    """The namespace of a copy of the module whose globals are `g`, with the names in `rebind`
+    rebound: a real module in sys.modules named after the original (torch.compile re-reads a
+    function's globals through the module its `__name__` names). One per (module, names), kept
+    in step with the original's globals; entries change only when their value does."""
+    name = f"layerzero.rebound.{g.get('__name__', 'module')}.{'.'.join(sorted(rebind))}"
     with _hook_lock:
-        entry = _globals.get(key)
-        if entry is None:
-            entry = _globals[key] = [getattr(module, name), 0]
-            setattr(module, name, value)
-        entry[1] += 1
-
-    done = []
-
-    def restore():
-        with _hook_lock:
-            if done:        # unpatch after the model's finalizer ran (or the reverse): once only
-                return
-            done.append(True)
-            entry[1] -= 1
-            if entry[1] == 0:
-                setattr(module, name, entry[0])
-                del _globals[key]
-    restore.releases_global = True
-    undo.append(restore)
+        mod = sys.modules.get(name)
+        if mod is None:
+            mod = sys.modules[name] = types.ModuleType(name)
+        d = mod.__dict__
+        want = {k: v for k, v in g.items() if k not in ("__name__", "__spec__", "__loader__")}
+        want.update(rebind)
+        for k, v in want.items():
+            if d.get(k, d) is not v:
+                d[k] = v
+    return d
 
 
-def original_global(module, name: str):
-    """module.name as it was before LayerZero replaced it."""
-    entry = _globals.get((module.__name__, name))
-    return entry[0] if entry is not None else getattr(module, name)
+def _cell(c):
+    try:
+        return c.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def with_globals(fn, rebind: dict):
+    """A copy of function `fn` whose innermost function (through `functools.wraps` decorators whose
+    closure holds the function they wrap; each one is copied around the new inner one) reads the
+    names in `rebind` from `rebound_module`. None when a decorator hides the function it wraps."""
+    inner = getattr(fn, "__wrapped__", None)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    if inner is None:
+        new = types.FunctionType(code, rebound_module(fn.__globals__, rebind), fn.__name__,
+                                 fn.__defaults__, fn.__closure__)
+    else:
+        cells = fn.__closure__ or ()
+        at = [i for i, c in enumerate(cells) if _cell(c) is inner]
+        new_inner = with_globals(inner, rebind) if len(at) == 1 else None
+        if new_inner is None:
+            return None
+        cells = tuple(types.CellType(new_inner) if i == at[0] else c for i, c in enumerate(cells))
+        new = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__, new.__doc__ = fn.__qualname__, fn.__doc__
+    new.__dict__.update(fn.__dict__)
+    if inner is not None:
+        new.__wrapped__ = new_inner
+    return new
 
 
 # ---- probes ------------------------------------------------------------------------------------
@@ -266,12 +310,23 @@ def probe_input(shape, like: torch.Tensor | None, dtype=None, device=None) -> to
     g = torch.Generator().manual_seed(1234)
     dtype = dtype or (like.dtype if like is not None else torch.float32)
     device = device or (like.device if like is not None else "cpu")
-    return torch.randn(shape, generator=g).to(dtype=dtype, device=device)
+    return torch.randn(shape, generator=g, device="cpu").to(dtype=dtype, device=device)
+
+
+# why a probe needing a module's weights was not run (a model built with `torch.device("meta")`,
+# accelerate's `init_empty_weights`, ...); `lz.patch` on the model again, once loaded, probes it
+META = ("parameters are on the meta device (not loaded) and no execution device is known, so the "
+        "probe cannot run; call lz.patch(model) again once the weights are loaded")
+
+
+def _unloaded(model: nn.Module) -> bool:
+    """Does the model still hold meta parameters without an execution device (see META)?"""
+    return any(p.is_meta for p in model.parameters()) and _param_device(model) is None
 
 
 def _param_device(module: nn.Module):
     """Where the module's parameters live, or its accelerate hook's execution device when they are
-    offloaded (meta); None when unknown."""
+    offloaded (meta); None when unknown (META)."""
     p = next(module.parameters(recurse=True), None)
     if p is None:
         return None
@@ -327,12 +382,14 @@ def _norm_forward(op: str, eps_attr: str, offset: float, fns=None):
                 w = self.weight
                 if w is not None and w.dtype != x.dtype:  # mixed dtypes: keep the module's promotion
                     return original(x)
+                observe(self, x.shape)
                 return rms(x, w, getattr(self, eps_attr), offset=offset)
         else:
             def forward(self, x):
                 w, b = self.weight, getattr(self, "bias", None)
                 if (w is not None and w.dtype != x.dtype) or (b is not None and b.dtype != x.dtype):
                     return original(x)
+                observe(self, x.shape)
                 return ln(x, w, b, getattr(self, eps_attr))
         forward.__name__ = f"lz_{op}_forward"
         forward.lz_norm = (op, eps_attr, offset)        # read by patch_residual
@@ -372,7 +429,7 @@ def _patch_norm(name: str, m: nn.Module, report: Report, undo: list) -> None:
         why = "no 1-D weight (normalised shape unknown)"
     device = _param_device(m) if why is None else None
     if why is None and device is None and w is not None:
-        why = "parameters are offloaded and no execution device is known"
+        why = META
     if why is not None:
         report.add(name, "norm", "skipped", detail=f"{type(m).__name__}: {why}")
         return
@@ -390,6 +447,7 @@ def _patch_norm(name: str, m: nn.Module, report: Report, undo: list) -> None:
         ok, err = agree(got, want, dtype)
         if ok:
             swap_forward(m, _norm_forward(op, eps_attr, offset), undo)
+            watch(m, undo)
             eps = getattr(m, eps_attr)
             what = f"{op}(offset={offset:g})" if op == "rms_norm" else op
             report.add(name, "norm", "patched", op, f"{type(m).__name__} -> {what}, eps={eps:g}",
@@ -439,10 +497,12 @@ def _mlp_forward(fused: bool, act_attr: str, gate_fn):
     def make(original):
         if fused:
             def forward(self, x):
+                observe(self, x.shape)
                 gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
                 return self.down_proj(gate_fn(gate, up))
         else:
             def forward(self, x):
+                observe(self, x.shape)
                 return self.down_proj(gate_fn(self.gate_proj(x), self.up_proj(x)))
         forward.__name__ = "lz_gated_mlp_forward"
         forward.lz_gated = (fused, gate_fn)              # read by patch_residual
@@ -479,7 +539,7 @@ def _patch_mlp(name: str, m: nn.Module, report: Report, undo: list) -> None:
     first = m.gate_up_proj if fused else m.gate_proj
     n_in, device = _in_features(first), _param_device(m)
     if n_in is None or device is None:
-        report.add(name, "mlp", "skipped", detail=f"{cls}: input size or device unknown")
+        report.add(name, "mlp", "skipped", detail=f"{cls}: {'input size unknown' if device else META}")
         return
     dtype = next(m.parameters()).dtype
     x = probe_input((2, 3, n_in), None, dtype=dtype, device=device)
@@ -494,6 +554,7 @@ def _patch_mlp(name: str, m: nn.Module, report: Report, undo: list) -> None:
                    f"(probe error {err:.2g})")
         return
     swap_forward(m, _mlp_forward(fused, act_attr, _gated(op, kw)), undo)
+    watch(m, undo)
     inter = (first.weight.shape[0] // (2 if fused else 1)) if isinstance(getattr(first, "weight", None), torch.Tensor) else 0
     detail = f"{cls}: {'fused gate_up' if fused else 'gate/up'} + {act_attr} -> {op}" + (
         f"(approximate={kw['approximate']!r})" if kw else "")
@@ -532,7 +593,8 @@ def patch(model, *, attention: bool = True, norm: bool = True, rope: bool = True
     options = {"attention": attention, "norm": norm, "rope": rope, "mlp": mlp}
     rec = _records.get(model)
     if rec is not None:
-        if rec.report.options == options:
+        deferred = any(i.detail.endswith(META) for i in rec.report.skipped)
+        if rec.report.options == options and not (deferred and not _unloaded(model)):
             return rec.report
         unpatch(model)
     rec = _Record(Report(type(model).__name__, options=options))
@@ -563,21 +625,25 @@ def patch(model, *, attention: bool = True, norm: bool = True, rope: bool = True
         for fn in reversed(rec.undo):
             fn()
         raise
-    rec.finalizer = weakref.finalize(model, _release_globals,
-                                     [f for f in rec.undo if getattr(f, "releases_global", False)])
     _records[model] = rec
     log.info("%s", rec.report)
     return rec.report
 
 
+def _is_pipeline(obj) -> bool:
+    from .integrations import diffusers as df
+    return df.is_pipeline(obj)
+
+
 def unpatch(model) -> None:
     """Restore everything `lz.patch` changed on `model` (no-op for an unpatched model)."""
     model = _unwrap(model)
+    if not isinstance(model, nn.Module) and model not in _records and not _is_pipeline(model):
+        raise TypeError(f"lz.unpatch takes a model or diffusers pipeline (what lz.patch takes), "
+                        f"got {type(model).__name__}")
     rec = _records.pop(model, None)
     if rec is None:
         return
-    if rec.finalizer is not None:
-        rec.finalizer.detach()
     for fn in reversed(rec.undo):
         fn()
 
@@ -615,8 +681,20 @@ def _why(decision) -> str:
     better = [c for c in decision.candidates if c.status in ("rejected", "unavailable", "denied")
               and c.reasons]
     parts = [f"highest-scoring eligible kernel (score {chosen.score})" if chosen else "chosen"]
-    parts += [f"{c.kernel}: {c.reasons[0][:70]}" for c in better[:2]]
+    parts += [f"{c.kernel}: {_clip(c.reasons[0])}" for c in better[:2]]
     return "; ".join(parts)
+
+
+def _clip(text: str, n: int = 70) -> str:
+    """text, or its first words up to n characters and an ellipsis."""
+    return text if len(text) <= n else text[:n].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+
+
+def _saw(spec, seen: set) -> bool:
+    """Was a call described by `spec` one of those a module noted (`observe`)?"""
+    if spec.op == "attention":
+        return (spec.batch, spec.seq_len_q, spec.seq_len_k) in seen
+    return any(math.prod(shape[:-1]) == spec.batch for shape in seen)   # rows of the noted inputs
 
 
 def _shape(spec) -> str:
@@ -627,6 +705,11 @@ def _shape(spec) -> str:
     if spec.op == "rope":
         return f"B={spec.batch} H={spec.num_heads}/{spec.num_kv_heads} S={spec.seq_len_q} D={spec.head_dim} {str(spec.dtype)[6:]}"
     return f"rows={spec.batch} D={spec.head_dim} {str(spec.dtype)[6:]}"
+
+
+def _shapes(decisions, n: int = 3) -> str:
+    shapes = sorted({_shape(d.spec) for d in decisions})
+    return "; ".join(shapes[:n]) + (f"; (+{len(shapes) - n} more)" if len(shapes) > n else "")
 
 
 def explain_model(model) -> ModelExplanation:
@@ -640,15 +723,18 @@ def explain_model(model) -> ModelExplanation:
     if rec is None:
         from .integrations import transformers as hf
         items = hf.interface_items(model)  # attn_implementation="layerzero" without lz.patch
+    modules = dict(model.named_modules())
     for item in items:
+        # calls a module noted itself (`observe`); else (RoPE, calls traced by torch.compile)
+        # every decision of its op and sizes
+        seen = getattr(modules.get(item.name), "__dict__", {}).get("_lz_seen")
         kernels: dict[str, list] = {}
         for d in decisions:
             s = d.spec
-            if all(getattr(s, k) == v for k, v in item.match.items()):
+            if all(getattr(s, k) == v for k, v in item.match.items()) and (not seen or _saw(s, seen)):
                 kernels.setdefault(d.chosen, []).append(d)
         rows.append({"module": item.name, "op": item.op or "-", "kernels": [
-            {"kernel": kid, "shapes": "; ".join(sorted({_shape(d.spec) for d in ds})[:3]),
-             "why": _why(ds[0])} for kid, ds in kernels.items()]})
+            {"kernel": kid, "shapes": _shapes(ds), "why": _why(ds[0])} for kid, ds in kernels.items()]})
     return ModelExplanation(type(model).__name__, rows)
 
 
@@ -710,8 +796,18 @@ def auto_patch(enable: bool | None = None, **options) -> _AutoPatch:
     return _AutoPatch(True if enable is None else enable, options, now=enable is not None)
 
 
-def auto_patch_model(model):
-    """Patch `model` if auto-patching is on (called by the integrations' build hooks)."""
-    if _auto["on"]:
-        patch(model, **_auto["options"])
+def auto_patch_model(model, attn_implementation=None):
+    """Patch `model` if auto-patching is on (called by the integrations' build hooks). An
+    `attn_implementation` the user chose explicitly stands: attention is then left as is."""
+    if not _auto["on"]:
+        return model
+    options = dict(_auto["options"])
+    if attn_implementation is None or not options.get("attention", True):
+        patch(model, **options)
+        return model
+    report = patch(model, **{**options, "attention": False})
+    if not any(i.kind == "attention" for i in report.items):
+        report.add(type(model).__name__, "attention", "skipped",
+                   detail=f"attn_implementation={attn_implementation!r} was chosen explicitly: lz.auto_patch "
+                          f"keeps it (lz.patch(model) switches it to 'layerzero')")
     return model

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .patch import _param_device, agree, probe_input, swap_forward
+from .patch import META, _param_device, agree, observe, probe_input, swap_forward
 
 CHILDREN = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
@@ -64,6 +64,7 @@ def mlp_residual(mlp, x, h):
     if plan is None or plan[2].dtype != h.dtype or x.dim() < 2:
         return h + mlp(x)
     fused, gate_fn, w = plan
+    observe(mlp, x.shape)
     mods = mlp._modules
     if fused:
         gate, up = mods["gate_up_proj"](x).chunk(2, dim=-1)
@@ -97,6 +98,7 @@ def _block_forward(eps_attr: str, offset: float, unfused: bool = False):
                     w is not None and w.dtype != a.dtype):
                 h = h + a
                 return h + mlp(post(h))
+            observe(post, a.shape)
             x, h = ops.rms_norm(a, w, getattr(post, eps_attr), residual=h, offset=offset)
             return mlp_residual(mlp, x, h)
         forward.__name__ = "lz_prenorm_block_forward"
@@ -180,7 +182,8 @@ def patch_blocks(model: nn.Module, report, undo: list) -> None:
         w = getattr(post, "weight", None)
         device = _param_device(m)
         if not isinstance(w, torch.Tensor) or w.dim() != 1 or device is None:
-            report.add(name, "residual", "skipped", detail=f"{cls}: norm size or device unknown")
+            why = META if device is None else "norm size unknown"
+            report.add(name, "residual", "skipped", detail=f"{cls}: {why}")
             continue
         why = _check(m, m.forward, w.shape[0], w.dtype, device)
         if why is not None:

@@ -320,3 +320,31 @@ def test_explain_pipeline_lists_each_component():
         assert "StableDiffusionPipeline" in str(e)
     finally:
         lz.unpatch(pipe)
+
+
+def test_explain_lists_only_the_shapes_each_module_saw():
+    """The UNet's self-attention (attn1) and cross-attention (attn2) share head sizes: attn1 shows
+    its own Sq == Sk calls only, attn2 its text-length Sk."""
+    unet = tiny_unet()
+    lz.patch(unet)
+    try:
+        run_unet(unet)
+        rows = {r["module"]: " ".join(k["shapes"] for k in r["kernels"]) for r in lz.explain(unet).rows}
+        block = "down_blocks.0.attentions.0.transformer_blocks.0"
+        self_attn, cross = rows[f"{block}.attn1"], rows[f"{block}.attn2"]
+        assert "Sq=64 Sk=64" in self_attn and "Sk=5" not in self_attn, self_attn
+        assert "Sq=64 Sk=5" in cross and "Sk=64" not in cross, cross
+        ff = rows[f"{block}.ff"]
+        assert "rows=128 " in ff and "rows=32 " not in ff, ff   # not the up block's 4x4 tokens
+    finally:
+        lz.unpatch(unet)
+    assert not any("_lz_seen" in vars(m) for m in unet.modules())
+
+
+def test_patch_on_meta_device_reports_what_it_cannot_probe():
+    with torch.device("meta"):
+        unet = tiny_unet()
+        report = lz.patch(unet)       # probe inputs stay off the meta device
+    assert {i.kind for i in report.skipped if "meta device" in i.detail} == {"norm", "mlp"}, str(report)
+    assert items(report, "attention")
+    lz.unpatch(unet)

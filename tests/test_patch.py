@@ -180,19 +180,35 @@ def test_hooks_attached_before_or_after_patching():
     assert torch.equal(m2(x), MyRMSNorm.forward(m2, x))
 
 
-def test_set_global_is_reference_counted():
+def test_with_globals_copies_through_decorators():
+    """A copy of a (decorated) function reading some globals from a rebound module: the original
+    function and its module are untouched; a decorator hiding what it wraps gives None."""
+    import functools
     mod = types.ModuleType("lz_fake_modeling")
-    mod.fn = original = lambda: "original"
-    u1, u2 = [], []
-    P.set_global(mod, "fn", lambda: "patched", u1)
-    P.set_global(mod, "fn", lambda: "patched again", u2)
-    assert mod.fn() == "patched" and P.original_global(mod, "fn") is original
-    for f in u1:
-        f()
-    assert mod.fn() == "patched"  # the second model still needs it
-    for f in u2:
-        f()
-    assert mod.fn is original
+    exec(
+        "import functools\n"
+        "def helper(x):\n    return x + 1\n"
+        "def deco(f):\n"
+        "    @functools.wraps(f)\n"
+        "    def wrapped(*a, **k):\n        return f(*a, **k) * 10\n"
+        "    return wrapped\n"
+        "@deco\n"
+        "def forward(x):\n    return helper(x)\n", mod.__dict__)
+    sys.modules[mod.__name__] = mod
+    try:
+        assert "helper" in P.global_names(mod.forward.__wrapped__.__code__)
+        copy = P.with_globals(mod.forward, {"helper": lambda x: x - 1})
+        assert copy(5) == 40 and mod.forward(5) == 60 and mod.helper(5) == 6
+        assert sys.modules[copy.__wrapped__.__globals__["__name__"]].__dict__ is copy.__wrapped__.__globals__
+
+        def hiding(f):
+            @functools.wraps(f)
+            def wrapped(*a, **k):
+                return 0
+            return wrapped
+        assert P.with_globals(hiding(lambda x: x), {"helper": None}) is None
+    finally:
+        del sys.modules[mod.__name__]
 
 
 def test_when_imported(tmp_path, monkeypatch):
@@ -220,3 +236,14 @@ def test_explain_plain_model():
     assert rows["n1"]["kernels"][0]["kernel"] == lz.which("rms_norm", torch.randn(10, 16), m.n1.weight)
     assert "n1" in str(e)
     lz.unpatch(m)
+
+
+def test_unpatch_and_explain_reasons_small_things():
+    with pytest.raises(TypeError, match="lz.unpatch takes .* got NoneType"):
+        lz.unpatch(None)
+    lz.unpatch(nn.Linear(2, 2))        # an unpatched module: nothing to do
+    reason = "needs head_dim a multiple of 8 and a CUDA device with compute capability 8.0 or newer"
+    clipped = P._clip(reason)
+    assert clipped.endswith(" ...") and reason.startswith(clipped[:-4]) and len(clipped) <= 74
+    assert reason[len(clipped) - 4] == " "    # cut between words, never inside one
+    assert P._clip("short reason") == "short reason"

@@ -446,25 +446,21 @@ def test_auto_patch_switch():
 
 
 def test_dynamic_cache_first_update_without_copy():
-    """A patched model's DynamicCache stores the prompt's K/V as computed (no copy), only while a
-    patched model exists (reference-counted across models); generate() is unchanged."""
-    import gc
+    """A patched model's DynamicCache stores the prompt's K/V as computed (no copy) without
+    touching transformers' DynamicLayer.update (tests/test_patch_isolation.py: unpatched models
+    keep transformers' path); generate() is unchanged; encoder-only models get no cache line."""
     from transformers import cache_utils
-    gc.collect()    # models other tests left patched release their share when collected
     own = cache_utils.DynamicLayer.update
-    assert not hasattr(own, "__wrapped__")
     a, *_ = _build("llama")
-    b, *_ = _build("qwen2")
     kw = _inputs("llama")
     gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     want = a.generate(**kw, **gen)
     rep = lz.patch(a)
     item = next(i for i in rep.items if i.kind == "cache")
     assert item.status == "patched", str(rep)
+    assert cache_utils.DynamicLayer.update is own
     # the installed transformers' lazy initialisation is mirrored directly (no empty tensors made)
-    assert cache_utils.DynamicLayer.update.lz_init is not None, item
-    lz.patch(b)
-    assert cache_utils.DynamicLayer.update is not own
+    assert "initialised by _init_" in item.detail, item
     seen = []
     orig_cat = torch.cat
 
@@ -482,12 +478,14 @@ def test_dynamic_cache_first_update_without_copy():
     layer = cache.layers[0]
     assert layer.keys.shape[-2] == kw["input_ids"].shape[1] and layer.keys.numel() > 0
     assert not any(seen), "a first update copied K/V onto an empty tensor"
+    assert "update" not in vars(layer)
     assert torch.equal(a.generate(**kw, **gen), want)
     lz.unpatch(a)
-    assert cache_utils.DynamicLayer.update is not own   # b is still patched
-    lz.unpatch(b)
     assert cache_utils.DynamicLayer.update is own
     assert "cache" not in {r["op"] for r in lz.explain(a).rows}
+    bert, *_ = _build("bert")
+    assert all(i.kind != "cache" for i in lz.patch(bert).items)   # an encoder keeps no cache
+    lz.unpatch(bert)
 
 
 def test_cache_patch_checks_the_layer_keeps_no_other_state():
@@ -508,3 +506,105 @@ def test_cache_patch_checks_the_layer_keeps_no_other_state():
     assert any(w and "attributes" in w for w in whys), whys   # the other one sets other attributes
     why = tc.same_state(Counting, Counting.update, tc.first_update_without_copy(Counting, Counting.update))
     assert why and "tokens" in why
+
+
+@pytest.mark.parametrize("how", ["torch.device", "init_empty_weights"])
+def test_patch_on_meta_device_defers_what_it_cannot_probe(how):
+    """A model built without weights (meta) is patched where no probe needs them (attention, RoPE),
+    the rest is reported as skipped for that reason, and lz.patch again once the weights are
+    loaded probes and patches it."""
+    import contextlib
+    cfg, cls, _ = _config("mixtral")
+    if how == "init_empty_weights":
+        ctx = pytest.importorskip("accelerate").init_empty_weights()
+    else:
+        ctx = torch.device("meta")
+    with ctx:
+        m = cls(copy.deepcopy(cfg)).eval()
+        report = lz.patch(m)       # inside the context: probe inputs must not become meta
+    meta = [i for i in report.skipped if "meta device" in i.detail]
+    assert {i.kind for i in meta} >= {"norm", "experts"}, str(report)
+    assert {i.op for i in report.patched} >= {"attention", "rope"}, str(report)
+    assert lz.patch(m) is report        # still without weights: nothing new to probe
+    ref_model, *_ = _build("mixtral")
+    m.to_empty(device="cpu")
+    m.load_state_dict(ref_model.state_dict())
+    for name, buf in ref_model.named_buffers():   # and the non-persistent ones (rotary inv_freq)
+        m.get_buffer(name).copy_(buf)
+    again = lz.patch(m)
+    assert again is not report and not [i for i in again.skipped if "meta device" in i.detail], str(again)
+    assert {i.op for i in again.patched} >= {"attention", "rope", "rms_norm", "swiglu"}
+    kw = _inputs("mixtral")
+    _check_close("mixtral", _out(m, kw), _out(ref_model, kw), kw)
+    lz.unpatch(m)
+    with contextlib.ExitStack() as stack:    # a head building its base with AutoModel.from_config
+        stack.enter_context(lz.auto_patch())
+        stack.enter_context(torch.device("meta"))
+        head = T.LlamaForSequenceClassification(copy.deepcopy(_config("llama")[0]))
+    from layerzero.patch import report as report_of
+    assert report_of(head) is None and report_of(head.model) is None   # built by a class call
+
+
+def test_auto_patch_keeps_an_explicit_attn_implementation():
+    """lz.auto_patch() turns only an unspecified attn_implementation into "layerzero"; an explicit
+    choice (keyword or config) stands, and the rest of the model is patched."""
+    cfg, cls, _ = _config("llama")
+    kw = _inputs("llama")
+    set_on_config = copy.deepcopy(cfg)
+    set_on_config._attn_implementation = "eager"
+    with lz.auto_patch():
+        chosen = [cls._from_config(copy.deepcopy(cfg), attn_implementation="eager"),
+                  cls._from_config(set_on_config)]
+        default = cls._from_config(copy.deepcopy(cfg))
+    assert default.config._attn_implementation == "layerzero"
+    from layerzero.patch import report as report_of
+    for m in chosen:
+        assert m.config._attn_implementation == "eager"
+        rep = report_of(m.eval())
+        kept = [i for i in rep.skipped if i.kind == "attention"]
+        assert kept and "'eager'" in kept[0].detail and "explicit" in kept[0].detail, str(rep)
+        assert {i.op for i in rep.patched} >= {"rms_norm", "rope", "swiglu"}
+        m.config.output_attentions = True                  # transformers' eager-only checks pass
+        with torch.no_grad():
+            assert len(m(**kw).attentions) == 2
+        m.config.output_attentions = False
+        m.set_attn_implementation("sdpa")
+        lz.unpatch(m)
+    lz.unpatch(default)
+
+
+def test_layerzero_attention_on_an_inline_attention_family_says_what_to_do():
+    """Falcon computes attention inline (no AttentionInterface): attn_implementation="layerzero"
+    is refused with the model class, the reason and what to do (lz.patch), instead of
+    transformers' KeyError; lz.patch(model) patches the rest and reports attention as left."""
+    cfg = T.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    with pytest.raises(ValueError, match=r"FalconForCausalLM computes attention inline.*lz\.patch\(model\)"):
+        T.FalconForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="layerzero")
+    m = T.FalconForCausalLM._from_config(copy.deepcopy(cfg)).eval()
+    m.set_attn_implementation("layerzero")    # transformers logs that falcon cannot switch
+    assert m.config._attn_implementation != "layerzero"
+    rep = lz.patch(m)
+    assert [i for i in rep.skipped if i.kind == "attention" and "inline" in i.detail], str(rep)
+    assert "layer_norm" in {i.op for i in rep.patched}
+    lz.unpatch(m)
+
+
+def test_explain_model_lists_only_the_shapes_each_module_saw():
+    """T5's encoder (7 tokens) and decoder (5 tokens) share head and hidden sizes: each module's
+    row shows the calls it made, not every decision of its op and sizes."""
+    model, *_ = _build("t5")
+    lz.patch(model)
+    _out(model, _inputs("t5"))        # batch 2: encoder 7 tokens, decoder 5
+    rows = {r["module"]: r for r in lz.explain(model).rows}
+
+    def shapes(name):
+        return " ".join(k["shapes"] for k in rows[name]["kernels"])
+    enc_norm, dec_norm = shapes("encoder.final_layer_norm"), shapes("decoder.final_layer_norm")
+    assert "rows=14 " in enc_norm and "rows=10 " not in enc_norm, enc_norm
+    assert "rows=10 " in dec_norm and "rows=14 " not in dec_norm, dec_norm
+    enc = shapes("encoder.block.0.layer.0.SelfAttention")
+    cross = shapes("decoder.block.0.layer.1.EncDecAttention")
+    assert "Sq=7 Sk=7" in enc and "Sq=5" not in enc, enc
+    assert "Sq=5 Sk=7" in cross and "Sq=7" not in cross and "Sk=5" not in cross, cross
+    lz.unpatch(model)
+    assert not any("_lz_seen" in vars(m) for m in model.modules())

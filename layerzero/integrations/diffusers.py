@@ -29,8 +29,10 @@ modules (`proj` -> chunk -> act(gate) * up) become `lz.geglu` / `lz.swiglu` afte
 from __future__ import annotations
 
 import dis
+import functools
 import logging
 import sys
+import threading
 import types
 import weakref
 
@@ -38,8 +40,8 @@ import torch
 from torch import nn
 
 from .. import ops, reference, telemetry
-from ..patch import (Item, Report, _param_device, _Record, _records, _run_original, agree, probe_input,
-                     swap_forward)
+from ..patch import (META, Item, Report, _param_device, _Record, _records, _run_original, agree,
+                     observe, probe_input, rebound_module, set_attr, swap_forward, watch)
 from ..patch import patch as lz_patch
 from ..patch import unpatch as lz_unpatch
 
@@ -47,6 +49,30 @@ log = logging.getLogger("layerzero")
 NAME = "layerzero"
 
 # ---- attention functions -----------------------------------------------------------------------
+
+
+_current = threading.local()   # .module: the attention module whose patched processor is running
+
+
+def _note(batch: int, sq: int, sk: int) -> None:
+    """Note an attention call's sizes on the module whose processor makes it (lz.explain)."""
+    m = getattr(_current, "module", None)
+    if m is not None:
+        observe(m, (batch, sq, sk))
+
+
+def _noting(call):
+    """A processor's __call__ that lets the attention calls it makes know their module."""
+    @functools.wraps(call)
+    def __call__(self, attn, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return call(self, attn, *args, **kwargs)
+        prev, _current.module = getattr(_current, "module", None), attn
+        try:
+            return call(self, attn, *args, **kwargs)
+        finally:
+            _current.module = prev
+    return __call__
 
 
 def _mask_bshd(attn_mask, query, key):
@@ -77,6 +103,7 @@ def attention_backend_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_ca
     if _parallel_config is not None:
         raise ValueError("context parallelism (parallel_config) is not supported by the layerzero "
                          "attention backend; use one listed in _AttentionBackendRegistry._supports_context_parallel")
+    _note(query.shape[0], query.shape[1], key.shape[1])
     return ops.attention(query, key, value, attn_mask=_mask_bshd(attn_mask, query, key),
                          is_causal=is_causal, scale=scale, dropout_p=dropout_p, layout="bshd")
 
@@ -100,6 +127,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if query.dim() == 3:  # (N, S, D): one more leading dim, masks broadcast the same way
         return scaled_dot_product_attention(query[None], key[None], value[None], attn_mask, dropout_p,
                                             is_causal, scale, enable_gqa)[0]
+    _note(query.shape[0], query.shape[-2], key.shape[-2])
     return ops.attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
                          dropout_p=dropout_p)
 
@@ -154,8 +182,8 @@ def _rotary_agrees(original) -> bool:
     fn = _rotary(original, reference.rope)
     g = torch.Generator().manual_seed(5)
     for seq_dim in (1, 2):
-        x = torch.randn(2, 3, 5, 8, generator=g) if seq_dim == 2 else torch.randn(2, 5, 3, 8, generator=g)
-        theta = torch.randn(5, 4, generator=g)
+        shape = (2, 3, 5, 8) if seq_dim == 2 else (2, 5, 3, 8)
+        x, theta = torch.randn(shape, generator=g, device="cpu"), torch.randn(5, 4, generator=g, device="cpu")
         for unbind, ang in ((-1, theta.repeat_interleave(2, -1)), (-2, torch.cat((theta, theta), -1))):
             args = (x, (ang.cos(), ang.sin()), True, unbind, seq_dim)
             try:
@@ -236,6 +264,7 @@ def _is_diffusers_fn(obj, module: str, name: str) -> bool:
 
 
 _plans: dict = {}   # (processor class, attention, rope) -> plan
+_rotaries: dict = {}    # diffusers' apply_rotary_emb -> LayerZero's
 
 
 def _plan(cls, attention: bool, rope: bool) -> dict:
@@ -277,38 +306,24 @@ def _plan(cls, attention: bool, rope: bool) -> dict:
         for n in sorted(names):
             obj = g.get(n)
             if _is_diffusers_fn(obj, "diffusers.models.embeddings", "apply_rotary_emb"):
-                if _rotary_agrees(obj):
-                    rebind[n] = _rotary(obj, ops.rope)
+                if _rotary_agrees(obj):   # one object per original: rebound namespaces stay put
+                    rebind[n] = _rotaries.get(obj) or _rotaries.setdefault(obj, _rotary(obj, ops.rope))
                     plan["rope"] = f"{cls.__name__}: {n} (real cos/sin, pairs or halves) -> lz.rope"
                 else:
                     plan["rope_why"] = f"{cls.__name__}: {n} does not rotate like lz.rope on a probe"
             elif callable(obj) and "rotary" in n.lower() and plan["rope"] is None:
                 plan["rope_why"] = f"{cls.__name__}: rotary helper {n} is not diffusers' apply_rotary_emb"
     if rebind:
-        call = types.FunctionType(code, _rebound_globals(g, rebind), fn.__name__, fn.__defaults__,
+        call = types.FunctionType(code, rebound_module(g, rebind), fn.__name__, fn.__defaults__,
                                   fn.__closure__)
         call.__kwdefaults__ = fn.__kwdefaults__
         call.__qualname__, call.__doc__ = fn.__qualname__, fn.__doc__
         call.__dict__.update(fn.__dict__)
         plan["sub"] = type(cls)(cls.__name__, (cls,), {
-            "__call__": call, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__call__": _noting(call), "__module__": cls.__module__, "__qualname__": cls.__qualname__,
             "__doc__": cls.__doc__, "_layerzero_original_class": cls})
     _plans[key] = plan
     return plan
-
-
-def _rebound_globals(g: dict, rebind: dict) -> dict:
-    """A copy of a module's globals with some names rebound, as the namespace of a real module in
-    sys.modules (named after the original): torch.compile re-reads a function's globals through
-    the module its `__name__` names, so that module must be the copy, not diffusers' own."""
-    name = f"{__name__}.rebound.{g.get('__name__', 'module')}.{'.'.join(sorted(rebind))}"
-    mod = sys.modules.get(name)
-    if mod is None:
-        mod = types.ModuleType(name)
-        mod.__dict__.update({k: v for k, v in g.items() if k not in ("__name__", "__spec__", "__loader__")})
-        mod.__dict__.update(rebind)
-        sys.modules[name] = mod
-    return mod.__dict__
 
 
 def _attention_match(m) -> dict:
@@ -359,6 +374,7 @@ def _patch_attention(model, report, undo, options) -> None:
                 backend = getattr(proc, "_attention_backend", None)
                 note = (f" (replaces the processor's backend {getattr(backend, 'value', backend)!r})"
                         if backend is not None and getattr(backend, "value", backend) != NAME else "")
+                watch(m, undo)
                 report.add(name, "attention", "patched", "attention",
                            f"{mod_cls}/{base.__name__}: {plan['attention']}{note}", _attention_match(m))
             else:
@@ -386,6 +402,7 @@ def _glu_forward(up_first: bool, gate_fn):
         def forward(self, hidden_states, *args, **kwargs):
             if args or kwargs:  # diffusers' deprecated `scale` argument: its own code warns
                 return original(hidden_states, *args, **kwargs)
+            observe(self, hidden_states.shape)
             first, second = self.proj(hidden_states).chunk(2, dim=-1)
             return gate_fn(second, first) if up_first else gate_fn(first, second)
         forward.__name__ = "lz_glu_forward"
@@ -408,7 +425,7 @@ def _patch_glu(name: str, act: nn.Module, report, undo) -> str | None:
     proj = act.proj
     device = _param_device(act)
     if device is None:
-        return f"{cls}: parameters are offloaded and no execution device is known"
+        return f"{cls}: {META}"
     dtype = proj.weight.dtype
     x = probe_input((2, 3, proj.in_features), None, dtype=dtype, device=device)
     try:
@@ -421,6 +438,7 @@ def _patch_glu(name: str, act: nn.Module, report, undo) -> str | None:
     for op, approximate, up_first, want in cands:
         if agree(got, want, dtype)[0]:
             swap_forward(act, _glu_forward(up_first, _gate_op(op, approximate, False)), undo)
+            watch(act, undo)
             form = op if op == "swiglu" else f"geglu(approximate={approximate!r})"
             report.add(name, "mlp", "patched", op, f"{cls}: proj -> chunk -> act(gate) * up -> {form}",
                        {"op": op, "head_dim": proj.out_features // 2})
@@ -456,6 +474,8 @@ def _patch_feedforwards(model, report, undo) -> None:
             why = _patch_glu(name, act, report, undo)
             if why is not None:
                 report.add(name, "mlp", "skipped", detail=f"{type(m).__name__}: {why}")
+            else:   # reported under the FeedForward's name: its calls are the activation's
+                set_attr(m, "_lz_seen", act._lz_seen, undo)
         elif (act_mod is not None and type(m).__module__ == act_mod.__name__ and id(m) not in seen
               and type(m).__name__ in ("GEGLU", "SwiGLU") and isinstance(getattr(m, "proj", None), nn.Linear)):
             why = _patch_glu(name, m, report, undo)

@@ -3,9 +3,13 @@
 - `attn_implementation="layerzero"`: `import layerzero` registers `attention_forward` with
   `AttentionInterface` and transformers' SDPA mask function with `AttentionMaskInterface` under
   that name, through post-import hooks (transformers is never imported by LayerZero itself).
-- `lz.patch(model)`: switches the model's attention to "layerzero", swaps each modeling module's
-  `apply_rotary_pos_emb` for `lz.rope` and MoE experts' `_apply_gate` for `lz.swiglu`/`geglu`
-  (norms and dense gated MLPs are generic, in `layerzero.patch`).
+- `lz.patch(model)`: switches the model's attention to "layerzero", gives each module calling its
+  modeling module's `apply_rotary_pos_emb` a forward reading `lz.rope`'s version instead (on the
+  instance: the module-level function, shared by the family, is never reassigned) and swaps MoE
+  experts' `_apply_gate` for `lz.swiglu`/`geglu` (norms and dense gated MLPs are generic, in
+  `layerzero.patch`).
+- `attn_implementation="layerzero"` on a model whose attention is inline: a ValueError saying what
+  to do instead (`inline_attention`).
 - `lz.auto_patch()`: `from_pretrained` / `from_config` return patched models.
 
 Everything here is recognised by structure (an attention module is one whose forward calls
@@ -14,6 +18,7 @@ call time) and checked on a probe before it is patched.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import logging
@@ -25,8 +30,8 @@ import warnings
 import torch
 
 from .. import ops, reference, telemetry
-from ..patch import (Item, activation_op, agree, auto_patch_model, original_global, probe_input,
-                     set_attr, set_global)
+from ..patch import (META, Item, _param_device, activation_op, agree, auto_patch_model, global_names,
+                     observe, probe_input, set_attr, swap_forward, watch, with_globals)
 
 log = logging.getLogger("layerzero")
 NAME = "layerzero"
@@ -35,8 +40,45 @@ NAME = "layerzero"
 
 
 def register_attention(modeling_utils) -> None:
-    """AttentionInterface.register("layerzero", attention_forward)."""
+    """AttentionInterface.register("layerzero", attention_forward); and "layerzero" refused, with
+    what to do instead, for a model whose attention is written inline (`inline_attention`)."""
     modeling_utils.AttentionInterface.register(NAME, attention_forward)
+    cls = modeling_utils.PreTrainedModel
+    check = cls.__dict__.get("get_correct_attn_implementation")
+    if callable(check) and not hasattr(check, "lz_checks"):
+        cls.get_correct_attn_implementation = _refusing_inline(check)
+
+
+def inline_attention(cls) -> str | None:
+    """Why `attn_implementation="layerzero"` cannot reach model class `cls`, or None: its modeling
+    module defines attention modules and none of them calls transformers' AttentionInterface
+    (falcon, gpt_neo, ...: transformers would raise KeyError 'layerzero' or silently compute
+    attention its own way)."""
+    mod = sys.modules.get(cls.__module__)
+    if mod is None or getattr(cls, "_supports_attention_backend", False):
+        return None
+    own = [v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, torch.nn.Module)
+           and v.__module__ == mod.__name__]
+    attention = sorted(v.__name__ for v in own if "Attention" in v.__name__)
+    if not attention or any(_calls_interface(v) for v in own):
+        return None
+    return (f'attn_implementation="{NAME}": {cls.__name__} computes attention inline ({", ".join(attention)} '
+            f"in {mod.__name__} do not call transformers' AttentionInterface), so no registered attention "
+            f"function would run. Build it with its own attention (leave attn_implementation unset, or "
+            f'"eager" / "sdpa") and call lz.patch(model): norms, gated MLPs and RoPE then run through '
+            f"LayerZero, attention stays transformers' own (lz.auto_patch() does the same)")
+
+
+def _refusing_inline(check):
+    @functools.wraps(check)
+    def get_correct_attn_implementation(self, requested_attention, *args, **kwargs):
+        if requested_attention == NAME:
+            why = inline_attention(type(self))
+            if why is not None:
+                raise ValueError(why)
+        return check(self, requested_attention, *args, **kwargs)
+    get_correct_attn_implementation.lz_checks = True
+    return get_correct_attn_implementation
 
 
 def register_mask(masking_utils) -> None:
@@ -124,6 +166,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         if position_bias is not None:
             position_bias = position_bias[..., :sq]
     align = "top_left" if sq == sk else "bottom_right"  # Sq < Sk without mask: decode, queries last
+    observe(module, (query.shape[0], sq, sk))
     window = None
     if sliding_window is not None and mask is None and sk > sliding_window:
         window = (sliding_window - 1, sliding_window - 1)  # transformers' (and flash-attn's) convention
@@ -250,6 +293,7 @@ def _patch_attention(model, report, undo) -> None:
             c._attn_implementation_internal = v
     undo.append(restore)
     for n, m in mods:
+        watch(m, undo)
         report.add(n, "attention", "patched", "attention",
                    f"{type(m).__name__}: attn_implementation={NAME!r}", _attention_match(m))
 
@@ -257,8 +301,8 @@ def _patch_attention(model, report, undo) -> None:
 def _rope_probe(fn):
     """How `fn(q, k, cos, sin, ...)` rotates, or None: {'interleaved', 'partial', 'unsqueeze'}."""
     g = torch.Generator().manual_seed(7)
-    q, k = torch.randn(2, 4, 3, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g)
-    theta = torch.randn(2, 3, 8, generator=g)
+    q, k, theta = (torch.randn(*shape, generator=g, device="cpu")   # not meta under a device context
+                   for shape in ((2, 4, 3, 16), (2, 2, 3, 16), (2, 3, 8)))
     forms = {False: torch.cat((theta, theta), -1), True: theta.repeat_interleave(2, -1)}
     try:
         params = list(inspect.signature(fn).parameters)
@@ -306,29 +350,72 @@ def _rope_fn(original, info):
     return apply_rotary_pos_emb
 
 
+_ROPE = "apply_rotary_pos_emb"
+_rope_fns: dict = {}    # transformers' function -> LayerZero's (one object each: compiled guards hold)
+_rope_forwards: dict = {}   # (class forward, LayerZero's rope) -> the forward reading it
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_rope(cls):
+    """The `apply_rotary_pos_emb` cls.forward reads as a global (from its own modeling module), or None."""
+    fn = getattr(cls, "forward", None)
+    inner = inspect.unwrap(fn) if callable(fn) else None
+    code = getattr(inner, "__code__", None)
+    if code is None or _ROPE not in global_names(code):
+        return None
+    rope = inner.__globals__.get(_ROPE)
+    return rope if callable(rope) else None
+
+
+def _own_forward(m) -> bool:
+    """Does `m` run its class's forward (nothing swapped on the instance, accelerate hook aside)?"""
+    hooked = getattr(m, "_hf_hook", None) is not None and "_old_forward" in m.__dict__
+    cur = m.__dict__.get("_old_forward" if hooked else "forward")
+    return cur is None or getattr(cur, "__func__", None) is type(m).forward
+
+
 def _patch_rope(model, report, undo) -> None:
-    modules = {}
-    for m in model.modules():
-        mod = sys.modules.get(type(m).__module__)
-        if mod is not None and callable(getattr(mod, "apply_rotary_pos_emb", None)):
-            modules[mod.__name__] = mod
+    """Each module whose forward calls its modeling module's `apply_rotary_pos_emb` runs, on the
+    instance, a copy of that forward reading LayerZero's version instead (`with_globals`): the
+    module-level function, shared with every other model of the family, is never touched."""
+    users: dict = {}        # transformers' function -> [(name, module)]
+    for name, m in model.named_modules():
+        rope = _reads_rope(type(m))
+        if rope is not None:
+            users.setdefault(rope, []).append((name, m))
     cfg = getattr(model, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     d = getattr(cfg, "head_dim", None) or (
         cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "num_attention_heads", None) else None)
     match = {"op": "rope", "head_dim": d} if isinstance(d, int) else {"op": "rope"}
-    for name, mod in sorted(modules.items()):
-        original = original_global(mod, "apply_rotary_pos_emb")
+    for original, mods in sorted(users.items(), key=lambda kv: kv[0].__module__ or ""):
+        item = f"{original.__module__}.{_ROPE}"
         info = _rope_probe(original)
-        item = f"{name}.apply_rotary_pos_emb"
         if info is None:
             report.add(item, "rope", "skipped", detail="does not rotate like apply_rotary_pos_emb "
                        "(halves or pairs) on a probe")
             continue
-        set_global(mod, "apply_rotary_pos_emb", _rope_fn(original, info), undo)
-        report.add(item, "rope", "patched", "rope",
-                   f"{'interleaved' if info['interleaved'] else 'rotate_half'}"
-                   f"{', partial rotary' if info['partial'] else ''} -> lz.rope", match)
+        fn = _rope_fns.get(original) or _rope_fns.setdefault(original, _rope_fn(original, info))
+        done = []
+        for name, m in mods:
+            cls = type(m)
+            key = (cls.forward, fn)
+            if key not in _rope_forwards:
+                _rope_forwards[key] = with_globals(cls.forward, {_ROPE: fn})
+            new = _rope_forwards[key]
+            if new is None or not _own_forward(m):
+                why = ("a decorator of its forward hides the function it wraps" if new is None
+                       else "its forward was already replaced on the instance")
+                report.add(name, "rope", "skipped", detail=f"{cls.__name__}: {why}")
+                continue
+            swap_forward(m, lambda original_forward, new=new: new, undo)
+            done.append(cls.__name__)
+        if done:
+            kinds = ", ".join(f"{n} x{c}" for n, c in sorted(collections.Counter(done).items()))
+            report.add(item, "rope", "patched", "rope",
+                       f"{'interleaved' if info['interleaved'] else 'rotate_half'}"
+                       f"{', partial rotary' if info['partial'] else ''} -> lz.rope in this model's {kinds}",
+                       match)
 
 
 def _gate_fn(op, kw):
@@ -350,7 +437,10 @@ def _patch_experts(model, report, undo) -> None:
             report.add(name, "experts", "skipped", detail=f"{cls}: activation is neither SiLU nor GELU")
             continue
         op, kw = found
-        x = probe_input((5, 16), p)
+        if p is not None and _param_device(m) is None:
+            report.add(name, "experts", "skipped", detail=f"{cls}: {META}")
+            continue
+        x = probe_input((5, 16), p, device=_param_device(m))
         try:
             with torch.no_grad():
                 got = gate(x)
@@ -379,11 +469,11 @@ def patch_model(model, report, undo, options) -> None:
     """The transformers-specific part of lz.patch: attention, RoPE, MoE experts' gating."""
     if options["attention"]:
         _patch_attention(model, report, undo)
-        if any(i.kind == "attention" and i.status == "patched" for i in report.items):
-            from .transformers_cache import patch_cache
-            patch_cache(report, undo)
     if options["rope"]:
         _patch_rope(model, report, undo)
+    if options["attention"] and any(i.kind == "attention" and i.status == "patched" for i in report.items):
+        from .transformers_cache import patch_cache   # after RoPE: it wraps the attention forwards
+        patch_cache([m for _, m in _attention_modules(model)], report, undo)
     if options["mlp"]:
         _patch_experts(model, report, undo)
 
@@ -394,17 +484,39 @@ _saved: dict = {}
 _tls = threading.local()
 
 
+def _requested_attention(args, kwargs):
+    """The attn_implementation a from_pretrained / _from_config call asks for: the keyword, else
+    the one set on the config it is given (which transformers then keeps); None if neither."""
+    if kwargs.get("attn_implementation") is not None:
+        return kwargs["attn_implementation"]
+    cfg = kwargs.get("config", args[0] if args else None)
+    return getattr(cfg, "_attn_implementation_internal", None)
+
+
+def _inside_model_init(frame) -> bool:
+    """Is a PreTrainedModel's __init__ running above `frame` (a head building its base model with
+    AutoModel.from_config)? That model is the outer one's part, patched (or not) with it."""
+    mu = sys.modules["transformers.modeling_utils"]
+    while frame is not None:
+        if frame.f_code.co_name == "__init__" and isinstance(frame.f_locals.get("self"), mu.PreTrainedModel):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _builder(fn):
     @functools.wraps(fn)
     def build(cls, *args, **kwargs):
         depth = getattr(_tls, "depth", 0)
+        requested = _requested_attention(args, kwargs)
         _tls.depth = depth + 1
         try:
             out = fn(cls, *args, **kwargs)
         finally:
             _tls.depth = depth
-        if depth == 0:
-            auto_patch_model(out[0] if isinstance(out, tuple) else out)
+        if depth == 0 and not _inside_model_init(sys._getframe(1)):
+            auto_patch_model(out[0] if isinstance(out, tuple) else out,
+                             None if requested == NAME else requested)
         return out
     return build
 
