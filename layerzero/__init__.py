@@ -15,6 +15,7 @@ from .doctor import doctor
 from .inspect import explain, kernels, which
 from .ops import attention, geglu, layer_norm, rms_norm, rope, sample, swiglu
 from .registry import register
+from .warmup import warmup
 from .telemetry import metrics
 from .telemetry import opentelemetry as metrics_opentelemetry
 from .telemetry import reset as reset_metrics
@@ -36,4 +37,4 @@ _when_imported("torch._dynamo", lambda _m: _compiled.install(_ops.PUBLIC))
 __all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "register",
            "which", "explain", "kernels", "doctor", "metrics", "reset_metrics", "metrics_server",
            "metrics_opentelemetry", "configure", "lock",
-           "unlock", "use", "patch", "unpatch", "auto_patch"]
+           "unlock", "use", "patch", "unpatch", "auto_patch", "warmup"]

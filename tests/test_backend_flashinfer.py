@@ -3,25 +3,39 @@
 custom masks, cos/sin caches): results must match the reference, plans must be reused."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 import layerzero as lz
 from layerzero import reference
 from layerzero.backends import flashinfer as fib
-from backend_standins import flashinfer_module, use_standins
+from backend_standins import flashinfer_module, module, use_standins
 
 KERNELS = ("flashinfer.prefill", "flashinfer.decode", "flashinfer.rms_norm", "flashinfer.rope",
            "flashinfer.sample")
 
 
+class JitSpec:
+    """flashinfer.jit.core.JitSpec for a FlashInfer whose modules are all built already
+    (tests/test_background_build.py covers builds)."""
+
+    def build_and_load(self):
+        return self
+
+
 @pytest.fixture
 def calls(monkeypatch):
     calls = []
-    use_standins(monkeypatch, {"flashinfer": flashinfer_module(calls)}, KERNELS)
+    core = module("flashinfer.jit.core", JitSpec=JitSpec)
+    use_standins(monkeypatch, {"flashinfer": flashinfer_module(calls), "flashinfer.jit.core": core,
+                               "flashinfer.jit": module("flashinfer.jit", core=core)}, KERNELS)
     monkeypatch.setattr(fib, "WORKSPACE_BYTES", 1024)
     monkeypatch.setattr(fib, "_plans", type(fib._plans)())
     monkeypatch.setattr(fib, "_workspaces", {})
+    monkeypatch.setattr(fib, "_standin_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(sys.modules["layerzero.warmup"], "_builds", {})
     return calls
 
 
@@ -67,6 +81,9 @@ def test_prefill(calls, b, layout, kw):
 
 def test_batch_plan_is_reused(calls):
     q, k, v = qkv(b=3)
+    lz.explain("attention", q, k, v, is_causal=True, causal_align="bottom_right")
+    assert calls and not fib._plans      # the variant's dry run planned, and cached nothing
+    calls.clear()
     for _ in range(3):
         check("flashinfer.prefill", q, k, v, is_causal=True, causal_align="bottom_right")
     assert [c["api"] for c in calls].count("prefill.plan") == 1
@@ -87,6 +104,9 @@ def test_bool_mask_with_empty_rows_gives_zeros(calls, b):
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_decode(calls, b, layout):
     q, k, v = qkv(b=b, hq=8, hk=2, sq=1, sk=17, layout=layout)
+    for kw in (dict(window=(5, -1)), dict(is_causal=True)):     # the variants' dry runs first
+        lz.explain("attention", q, k, v, layout=layout, causal_align="bottom_right", **kw)
+    calls.clear()
     check("flashinfer.decode", q, k, v, layout=layout, window=(5, -1), causal_align="bottom_right")
     check("flashinfer.decode", q, k, v, layout=layout, is_causal=True, causal_align="bottom_right")
     apis = [c["api"] for c in calls]

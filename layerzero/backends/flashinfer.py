@@ -18,13 +18,19 @@ causal/window terms folded in; rows it masks completely return zeros. Softcap is
 `logits_soft_cap`. No ALiBi (FlashInfer's built-in slopes are fixed), no float masks, no sinks,
 no dropout.
 
-JIT: FlashInfer compiles each kernel variant (dtype, head_dim, mask mode, window, softcap) with
-nvcc on first use, 12-70 s each, cached on disk (~/.cache/flashinfer). Warm up outside timed
-regions (benchmarks/attention.py does); the probe below compiles `rmsnorm` once per machine.
+JIT: FlashInfer compiles each kernel variant (dtype, head_dim, window, softcap, custom mask,
+backend) with nvcc on first use, 12-70 s each (minutes for several), cached on disk
+($FLASHINFER_WORKSPACE_BASE/.cache/flashinfer, default ~). No call waits for that: `supports()`
+asks `warmup.need`, which checks once per variant whether it is built (a dry run of the kernel on
+small stand-in tensors in which FlashInfer's `JitSpec.build_and_load` raises instead of
+compiling: AOT-shipped and JIT-cached modules load and count as built) and, if not, builds it on
+a background thread by running the kernel on those stand-in tensors; meanwhile the variant's
+reason makes calls run the next kernel. `lz.warmup(...)` builds ahead and waits.
 """
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 from typing import Optional
 
@@ -32,9 +38,10 @@ import torch
 
 from .. import probe
 from .. import reference
+from .. import warmup
 from ..registry import register
 from . import priorities
-from ._gpu import HALF, cuda_reasons
+from ._gpu import HALF, cuda_reasons, dtype_name
 
 _MOD = "flashinfer"
 WORKSPACE_BYTES = 128 * 1024 * 1024
@@ -46,7 +53,17 @@ _workspaces: dict = {}
 _plans: collections.OrderedDict = collections.OrderedDict()
 
 
+class _Local(threading.local):
+    dry = False       # a dry run: FlashInfer's builds raise _NeedsBuild instead of compiling
+    standin = False   # a stand-in run (dry run or build): own workspace, no cached plans
+
+
+_local = _Local()
+
+
 def workspace(device) -> torch.Tensor:
+    if _local.standin:        # never share the calls' workspace with a run on another thread
+        return torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
     ws = _workspaces.get(device)
     if ws is None:
         with _lock:
@@ -70,6 +87,8 @@ def fi_mask(sq: int, sk: int, is_causal: bool, window, causal_align: str):
 
 
 def _cached(key, make):
+    if _local.standin:
+        return make()
     w = _plans.get(key)
     if w is not None:
         _plans.move_to_end(key)
@@ -218,7 +237,7 @@ def supports_prefill(spec) -> list[str]:
         m = fi_mask(spec.seq_len_q, spec.seq_len_k, spec.causal, spec.window, spec.causal_align)
         if isinstance(m, str):
             r.append(m)
-    return r
+    return r or _build_reason("flashinfer.prefill", spec)
 
 
 def supports_decode(spec) -> list[str]:
@@ -230,7 +249,7 @@ def supports_decode(spec) -> list[str]:
     if (spec.causal or spec.window is not None) and spec.causal_align == "top_left" and spec.seq_len_k > 1:
         r.append("FlashInfer aligns causal masks and windows bottom-right; top-left with Sq=1 < Sk "
                  "would see only the first keys")
-    return r
+    return r or _build_reason("flashinfer.decode", spec)
 
 
 # ---- norms, rope, sampling ----------------------------------------------------------------------
@@ -295,14 +314,14 @@ def supports_rms(spec) -> list[str]:
     r = cuda_reasons(spec, "flashinfer.rms_norm", min_sm=75, dtypes=HALF)
     if spec.grad:
         r.append("flashinfer.rms_norm is forward-only (inputs require grad)")
-    return r
+    return r or _build_reason("flashinfer.rms_norm", spec)
 
 
 def supports_rope(spec) -> list[str]:
     r = cuda_reasons(spec, "flashinfer.rope", min_sm=75, dtypes=HALF)
     if spec.grad:
         r.append("flashinfer.rope is forward-only (inputs require grad)")
-    return r
+    return r or _build_reason("flashinfer.rope", spec)
 
 
 def supports_sample(spec) -> list[str]:
@@ -312,14 +331,152 @@ def supports_sample(spec) -> list[str]:
         r.append("temperature=0 is an argmax; torch's is as fast")
     if not spec.flags & {"top_k", "top_p", "min_p"}:
         r.append("no top-k/top-p/min-p filter: torch.multinomial is as fast")
-    return r
+    return r or _build_reason("flashinfer.sample", spec)
 
 
+# ---- JIT builds: checked once per variant, built in the background (see layerzero/warmup.py) ----
+
+class _NeedsBuild(BaseException):
+    """Raised in a dry run where FlashInfer would compile a module. A BaseException, so that no
+    `except Exception` on the way (FlashInfer's own fallbacks) takes it for a kernel error."""
+
+
+def _on_disk(jit_spec) -> bool:
+    """An AOT-shipped module (flashinfer-jit-cache, flashinfer-cubin) or one in the JIT cache."""
+    try:
+        return bool(getattr(jit_spec, "is_aot", False)) or bool(jit_spec.is_compiled)
+    except Exception:
+        return False
+
+
+def _guard_builds() -> bool:
+    """Wrap FlashInfer's `JitSpec.build_and_load` (every module it JIT-compiles goes through it;
+    once per process) so that in a dry run, on this thread only, a module that is not on disk
+    raises _NeedsBuild instead of compiling. False when this FlashInfer has no such method."""
+    try:
+        from flashinfer.jit import core
+        orig = core.JitSpec.build_and_load
+    except (ImportError, AttributeError):
+        return False
+    with _lock:
+        orig = core.JitSpec.build_and_load
+        if getattr(orig, "_layerzero", False):
+            return True
+
+        def build_and_load(self, *args, **kwargs):
+            if _local.dry and not _on_disk(self):
+                raise _NeedsBuild(getattr(self, "name", "a FlashInfer module"))
+            return orig(self, *args, **kwargs)
+
+        build_and_load._layerzero = True
+        core.JitSpec.build_and_load = build_and_load
+    return True
+
+
+def _standin_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _variant(kernel_id: str, spec) -> tuple[tuple, str]:
+    """(key, description) of what FlashInfer compiles for the call `spec`: the dtype, head_dim,
+    sliding window, softcap, custom mask and backend (k/v layout, one request or a batch,
+    tensor-core decode) select its modules; the causal flag is included to be safe."""
+    dt = dtype_name(spec.dtype)
+    if spec.op != "attention":
+        return (kernel_id, spec.sm, spec.dtype), f"FlashInfer's {kernel_id[11:]} module ({dt}) on sm{spec.sm}"
+    is_decode = kernel_id == "flashinfer.decode"
+    masked = not is_decode and spec.mask == "bool"
+    if is_decode or masked:          # decode ignores causal; a mask has causal/window folded in
+        causal, left = False, (spec.window[0] if is_decode and spec.window else -1)
+    else:
+        causal, left = fi_mask(spec.seq_len_q, spec.seq_len_k, spec.causal, spec.window,
+                               spec.causal_align)
+    tc = is_decode and spec.num_heads // spec.num_kv_heads >= 4
+    key = (kernel_id, spec.sm, spec.dtype, spec.head_dim, spec.layout, spec.batch == 1, tc, masked,
+           causal, left >= 0, spec.softcap)
+    feats = [f for f, on in (("causal", causal), ("sliding window", left >= 0), ("softcap", spec.softcap),
+                             ("custom mask", masked), ("tensor-core decode", tc)) if on]
+    what = (f"FlashInfer variant {kernel_id[11:]} ({dt}, head_dim {spec.head_dim}"
+            + "".join(f", {f}" for f in feats)
+            + f", {'one request' if spec.batch == 1 else 'batched'}, "
+            f"{'HND' if spec.layout == 'bhsd' else 'NHD'} k/v) on sm{spec.sm}")
+    return key, what
+
+
+def _standin_call(kernel_id: str, spec, device) -> None:
+    """Run `kernel_id` once on small tensors that need the same FlashInfer modules as `spec`."""
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape, dtype=spec.dtype):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+    if kernel_id == "flashinfer.rms_norm":
+        rms_norm(t(2, spec.head_dim), None, 1e-6, None, 0.0)
+    elif kernel_id == "flashinfer.rope":
+        cos = t(2, spec.head_dim, dtype=torch.float32)          # (S, D): 2 heads, 2 positions
+        rope(t(1, 2, 2, spec.head_dim), t(1, 2, 2, spec.head_dim), cos, cos.flip(-1), spec.layout,
+             "interleaved" in spec.flags)
+    elif kernel_id == "flashinfer.sample":
+        sample(t(2, 16), 1.0, 4, 0.9, None, None)
+    else:
+        is_decode = kernel_id == "flashinfer.decode"
+        b, hk = (1 if spec.batch == 1 else 2), 1
+        hq = min(spec.num_heads // spec.num_kv_heads, 4)
+        sq, sk = (1 if is_decode else 8), 8
+
+        def x(h, s):
+            return t(b, h, s, spec.head_dim) if spec.layout == "bhsd" else t(b, s, h, spec.head_dim)
+        window = None if spec.window is None else (spec.window[0], 0 if spec.window[1] == 0 else -1)
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=device) if spec.mask == "bool" else None
+        (decode if is_decode else prefill)(x(hq, sq), x(hk, sk), x(hk, sk), mask, spec.causal,
+                                           None, 0.0, window, 30.0 if spec.softcap else None,
+                                           None, None, spec.layout, spec.causal_align)
+
+
+def _dry_run(kernel_id: str, spec) -> bool:
+    """Is the variant built? Its stand-in call, with builds refused (see _guard_builds): loads
+    what is on disk, compiles nothing. Without the guard it can't tell: False (build it)."""
+    if not _guard_builds():
+        return False
+    _local.dry = _local.standin = True
+    try:
+        _standin_call(kernel_id, spec, _standin_device())
+    except _NeedsBuild:
+        return False
+    finally:
+        _local.dry = _local.standin = False
+    return True
+
+
+def _build(kernel_id: str, spec) -> None:
+    """Build the variant (on the background thread): its stand-in call, compiling as it goes."""
+    device = _standin_device()
+    _local.standin = True
+    try:
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                _standin_call(kernel_id, spec, device)
+                torch.cuda.synchronize(device)
+        else:
+            _standin_call(kernel_id, spec, device)
+    finally:
+        _local.standin = False
+
+
+def _build_reason(kernel_id: str, spec) -> list[str]:
+    """[] when the call's variant is built, else why not (it may be building; warmup.need).
+    Asked only once FlashInfer is imported (the registry imports it when it is available)."""
+    if _MOD not in sys.modules:
+        return []
+    key, what = _variant(kernel_id, spec)
+    why = warmup.need(kernel_id, spec, key, what, lambda: _dry_run(kernel_id, spec),
+                      lambda: _build(kernel_id, spec))
+    return [why] if why else []
+
+
+# The probe imports the package only: any kernel call could start an nvcc build (minutes on a fresh
+# JIT cache) and stall the user's first call on it. Kernels run first in `_dry_run`, on stand-ins.
 probe.define(_MOD, """
-import flashinfer
-if dev:
-    x = torch.randn(4, 128, device=dev, dtype=torch.bfloat16)
-    flashinfer.norm.rmsnorm(x, torch.ones(128, device=dev, dtype=torch.bfloat16), 1e-6)
+import flashinfer, flashinfer.norm
 """, ("flashinfer-python", "flashinfer-cubin", "flashinfer-jit-cache"))
 
 register("attention", "flashinfer.prefill", prefill,
