@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the references (and the masks and biases kernels build) compute in."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -61,7 +62,7 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.
     """
     if layout == "bshd":
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    dt = _compute_dtype(q.dtype) if upcast else q.dtype
+    dt = compute_dtype(q.dtype) if upcast else q.dtype
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     qf, kf, vf = q.to(dt), k.to(dt), v.to(dt)
@@ -103,7 +104,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None, offset=0.0):
     """y = x / rms(x) * (offset + weight) in float32 (float64 for float64), cast to x's dtype."""
     if residual is not None:
         x = x + residual
-    dt = _compute_dtype(x.dtype)
+    dt = compute_dtype(x.dtype)
     xf = x.to(dt)
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
     if weight is not None:
@@ -116,7 +117,7 @@ def layer_norm(x, weight, bias, eps=1e-5, residual=None):
     """As F.layer_norm over the last dim, computed in float32 (float64 for float64)."""
     if residual is not None:
         x = x + residual
-    dt = _compute_dtype(x.dtype)
+    dt = compute_dtype(x.dtype)
     xf = x.to(dt)
     mean = xf.mean(dim=-1, keepdim=True)
     var = (xf - mean).pow(2).mean(dim=-1, keepdim=True)
@@ -154,7 +155,7 @@ def rope(q, k, cos, sin, layout="bhsd", interleaved=False):
     rotate = _rotate_interleaved if interleaved else _rotate_half
 
     def apply(x):
-        dt = _compute_dtype(x.dtype)
+        dt = compute_dtype(x.dtype)
         xr, xp = x[..., :rot], x[..., rot:]
         y = (xr.to(dt) * c.to(dt) + rotate(xr.to(dt)) * s.to(dt)).to(x.dtype)
         return torch.cat((y, xp), dim=-1) if xp.shape[-1] else y

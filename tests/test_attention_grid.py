@@ -62,6 +62,7 @@ def _features():
         "sinks": lambda s, dt, g: {"sinks": torch.randn(s[1], generator=g)},
         "bshd": f(layout="bshd"),
         "non_contiguous": f(),            # q/k/v built as strided views, see _inputs
+        "strided_last_dim": lambda s, dt, g: {"sinks": torch.randn(s[1], generator=g)},  # see _inputs
     }
 
 
@@ -74,6 +75,8 @@ def _inputs(shape, dtype, feature, g):
         mk = lambda h, s: torch.randn(b, s, h, d, generator=g).to(dtype)  # noqa: E731
     elif feature == "non_contiguous":  # (B, S, H, D) storage seen as (B, H, S, D), and a sliced D
         mk = lambda h, s: torch.randn(b, s, h, d + 8, generator=g).to(dtype)[..., :d].transpose(1, 2)  # noqa: E731
+    elif feature == "strided_last_dim":  # a transposed buffer seen as (B, H, S, D): stride(-1) = S
+        mk = lambda h, s: torch.randn(b, h, d, s, generator=g).to(dtype).transpose(-1, -2)  # noqa: E731
     else:
         mk = lambda h, s: torch.randn(b, h, s, d, generator=g).to(dtype)  # noqa: E731
     q, k, v = mk(hq, sq), mk(hkv, sk), mk(hkv, sk)

@@ -33,6 +33,9 @@ def attention_calls(draw):
         return torch.randn(*shape, generator=g).to(dtype)
 
     q, k, v = t(hq, sq), t(hkv, sk), t(hkv, sk)
+    if draw(st.booleans()):   # same values, last dim strided (a transposed buffer's view)
+        q, k, v = (x.transpose(-1, -2).contiguous().transpose(-1, -2) if draw(st.booleans()) else x
+                   for x in (q, k, v))
     kw = {"layout": layout}
     if draw(st.booleans()):
         kw["is_causal"] = True

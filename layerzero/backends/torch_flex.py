@@ -10,22 +10,35 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import threading
 import types
 
 import torch
 
+from .. import reference
 from ..registry import register
 from ._torch_version import TORCH
 
-_lock = threading.Lock()
 
-
-def _run_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse):
+def _run_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options=None):
     from torch.nn.attention.flex_attention import flex_attention
 
     return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                          enable_gqa=enable_gqa, return_lse=return_lse)
+                          enable_gqa=enable_gqa, return_lse=return_lse,
+                          kernel_options=kernel_options)
+
+
+# Inductor's flex-decoding kernel (CUDA, Sq < 128) puts a kv head's group of query rows in one
+# tile of next_pow2(Sq * group) rows, which must divide the block mask's 128-row query blocks:
+# past 128 it has no config ("NoValidChoicesError: No choices exist for backend", H200, torch
+# 2.11, Sq 64 x group 4). Such calls take the main kernel.
+_FORCE_MAIN = {"FORCE_USE_FLEX_ATTENTION": True}
+
+
+def _kernel_options(q, k, block_mask):
+    if (q.device.type == "cuda" and block_mask is not None and q.shape[2] < 128
+            and q.shape[2] * (q.shape[1] // k.shape[1]) > 128):
+        return _FORCE_MAIN
+    return None
 
 
 @functools.lru_cache(maxsize=64)
@@ -36,11 +49,13 @@ def _compiled(config: tuple):
     compiled flex between configurations would, past 8 of them, silently fall back to the
     unfused eager path. A fresh code object per configuration keeps each compiled once. CPU
     compiles static shapes (inductor's CPU code for dynamic shapes fails to build window masks
-    in torch 2.13); CUDA lets sequence lengths vary."""
-    with _lock:
-        code = _run_flex.__code__.replace(co_name=f"flex_{abs(hash(config)):x}")
-        fn = types.FunctionType(code, _run_flex.__globals__, code.co_name)
-        return torch.compile(fn, dynamic=False if config[0] == "cpu" else None)
+    in torch 2.13); CUDA lets sequence lengths vary. Compiles run one at a time, process-wide
+    (`warmup.compile_serialised`): concurrent first calls of flex broke torch.compile for good."""
+    from ..warmup import compile_serialised
+
+    code = _run_flex.__code__.replace(co_name=f"flex_{abs(hash(config)):x}")
+    fn = types.FunctionType(code, _run_flex.__globals__, code.co_name)
+    return compile_serialised(fn, dynamic=False if config[0] == "cpu" else None)
 
 
 @functools.lru_cache(maxsize=256)
@@ -102,7 +117,7 @@ def flex(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi
     if softcap is not None or alibi_slopes is not None or attn_mask is not None:
         alibi = None
         if alibi_slopes is not None:
-            alibi = alibi_slopes.float().reshape(-1, hq).expand(b, hq)
+            alibi = alibi_slopes.to(reference.compute_dtype(q.dtype)).reshape(-1, hq).expand(b, hq)
         bool_mask = float_mask = None
         if attn_mask is not None:
             full = attn_mask.expand(b, hq, sq, sk)
@@ -117,13 +132,15 @@ def flex(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi
               k.shape if q.device.type == "cpu" else k.shape[1], is_causal, window,
               softcap is not None, None if alibi_slopes is None else alibi_slopes.dim(),
               None if attn_mask is None else (attn_mask.dtype, attn_mask.dim()), sinks is not None)
-    run = _compiled(config)
+    options = _kernel_options(q, k, block_mask)
+    run = _compiled(config if options is None else config + ("main kernel",))
     if sinks is not None:
-        out, lse = run(q, k, v, score_mod, block_mask, scale, hq != k.shape[1], True)
-        keep = torch.sigmoid(lse.float() - sinks.float().view(1, -1, 1)).unsqueeze(-1)
-        out = (out.float() * keep).to(q.dtype)
+        out, lse = run(q, k, v, score_mod, block_mask, scale, hq != k.shape[1], True, options)
+        dt = reference.compute_dtype(q.dtype)
+        keep = torch.sigmoid(lse.to(dt) - sinks.to(dt).view(1, -1, 1)).unsqueeze(-1)
+        out = (out.to(dt) * keep).to(q.dtype)
     else:
-        out = run(q, k, v, score_mod, block_mask, scale, hq != k.shape[1], False)
+        out = run(q, k, v, score_mod, block_mask, scale, hq != k.shape[1], False, options)
     return out.transpose(1, 2) if layout == "bshd" else out
 
 
@@ -145,9 +162,14 @@ def supports(spec) -> list[str]:
     if spec.head_dim_v != spec.head_dim:
         r.append("FlexAttention needs v's head_dim equal to q's")
     if spec.device == "cuda":
-        if spec.head_dim < 16 or spec.head_dim & (spec.head_dim - 1) or spec.head_dim > 128:
-            # d256 fp16 with bottom-right causal found no Triton config on the H100 (torch 2.11)
-            r.append(f"FlexAttention on CUDA needs a power-of-two head_dim in 16..128, got {spec.head_dim}")
+        # H200, torch 2.11: head_dim 80, 96, 192 and 256 run (forward and backward), padded to a
+        # power of two inside the kernel; older torch takes powers of two only. Above 128 the
+        # tiles need Hopper's shared memory.
+        d, top = spec.head_dim, 256 if spec.sm >= 90 else 128
+        if d < 16 or d > top or (TORCH < (2, 6) and d & (d - 1)):
+            kind = "a power-of-two head_dim" if TORCH < (2, 6) else "head_dim"
+            r.append(f"FlexAttention on CUDA (sm{spec.sm}, torch {torch.__version__}) needs {kind} "
+                     f"in 16..{top}, got {d}")
         if spec.mask == "float":
             # the mask read in score_mod overflowed shared memory on the H100 (245760 > 232448 B)
             r.append("an additive float mask in FlexAttention's score_mod overflows the GPU's "

@@ -2,7 +2,8 @@
 
 - torch.sdpa        : SDPA with torch's own backend choice.
 - torch.sdpa_flash  : the flash kernel (CPU: aten's flash-for-CPU op, which also returns the
-                      log-sum-exp, so it can add attention sinks; CUDA: SDPBackend.FLASH_ATTENTION).
+                      log-sum-exp, so it can add attention sinks, gradients included (see
+                      _FlashSinks); CUDA: SDPBackend.FLASH_ATTENTION).
 - torch.sdpa_efficient, torch.sdpa_cudnn : CUDA memory-efficient / cuDNN kernels.
 - torch.sdpa_math   : the math kernel forced.
 
@@ -42,17 +43,18 @@ def needs_explicit_mask(spec) -> bool:
 
 def explicit_mask(q, sq, sk, attn_mask, is_causal, window, alibi_slopes, causal_align, float_mask=False):
     """One SDPA mask carrying causal/window/ALiBi and the caller's mask: bool when every term is
-    bool (unless float_mask), else additive in q's dtype with -inf where not allowed."""
+    bool (unless float_mask), else additive in q's dtype with -inf where not allowed (the terms
+    summed in float32, float64 for a float64 call)."""
     allowed = reference.attention_allowed(sq, sk, is_causal=is_causal, window=window,
                                           causal_align=causal_align, device=q.device)
-    bias = None
+    bias, dt = None, reference.compute_dtype(q.dtype)   # float64 calls keep float64 terms
     if alibi_slopes is not None:
-        bias = reference.alibi_bias(alibi_slopes, sq, sk, causal_align, torch.float32)
+        bias = reference.alibi_bias(alibi_slopes, sq, sk, causal_align, dt)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             allowed = attn_mask if allowed is None else allowed & attn_mask
         else:
-            bias = attn_mask.float() if bias is None else bias + attn_mask.float()
+            bias = attn_mask.to(dt) if bias is None else bias + attn_mask.to(dt)
     if bias is None and not float_mask:
         return allowed
     if bias is None:
@@ -204,19 +206,68 @@ def _forced(backend):
     return run
 
 
+_FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _unit_stride(t):
+    """The CPU flash op reads each row of q/k/v as if its last dim were contiguous (torch 2.13:
+    errors up to 1e31 for a transposed buffer's view; SDPA's own gate refuses such inputs)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _flash_sinks(q, k, v, sinks, mask, causal, scale):
+    """(out, lse) of attention whose softmax also holds one sink logit per head (a key with no
+    value): out = softmax(scores) @ v * exp(lse_scores - lse), lse = logaddexp(lse_scores, sink),
+    both in the op's lse dtype (float32; float64 for float64)."""
+    out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)  # lse: (B, H, Sq)
+    lse_all = torch.logaddexp(lse, sinks.to(lse.dtype).view(1, -1, 1))
+    out = (out.to(lse.dtype) * torch.exp(lse - lse_all).unsqueeze(-1)).to(q.dtype)
+    return out, lse_all
+
+
+class _FlashSinks(torch.autograd.Function):
+    """_flash_sinks with its gradient. The op's own backward ignores a gradient of the lse, which
+    the sink rescaling needs (q/k gradients were 40-70% off). Attention with a sink is attention
+    over one more key whose value is zero, so the op's backward given the sink-inclusive output
+    and lse returns dq, dk, dv exactly; d sink_h = -sum_(b, i) (dout_i . out_i) p_sink_i."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, mask, causal, scale):
+        out, lse = _flash_sinks(q, k, v, sinks, mask, causal, scale)
+        ctx.save_for_backward(q, k, v, sinks, mask, out, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, sinks, mask, out, lse = ctx.saved_tensors
+        dq, dk, dv = _FLASH_CPU_BACKWARD(grad, q, k, v, out, lse, 0.0, ctx.causal,
+                                         attn_mask=mask, scale=ctx.scale)
+        p_sink = torch.exp(sinks.to(lse.dtype).view(1, -1, 1) - lse)           # (B, H, Sq)
+        dsinks = -((grad.to(lse.dtype) * out.to(lse.dtype)).sum(-1) * p_sink).sum((0, 2))
+        return dq, dk, dv, dsinks.to(sinks.dtype), None, None, None
+
+
 def flash_cpu(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_slopes, sinks,
               layout, causal_align):
     qh, kh, vh, mask, causal, _ = _prepare(q, k, v, attn_mask, is_causal, window, alibi_slopes,
                                            layout, causal_align, float_mask=True)
+    qh, kh, vh = _unit_stride(qh), _unit_stride(kh), _unit_stride(vh)
     if TORCH < (2, 6) and qh.shape[1] != kh.shape[1]:
         rep = qh.shape[1] // kh.shape[1]
         kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
     if mask is not None and mask.dim() not in (2, 4):  # the CPU op takes 2-D or 4-D masks
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    out, lse = _FLASH_CPU(qh, kh, vh, 0.0, causal, attn_mask=mask, scale=scale)  # lse: (B, H, Sq)
-    if sinks is not None:  # softmax over [scores, sink] = softmax(scores) * sigmoid(lse - sink)
-        keep = torch.sigmoid(lse - sinks.float().view(1, -1, 1)).unsqueeze(-1)
-        out = (out.float() * keep).to(q.dtype)
+    if sinks is None:
+        out = _FLASH_CPU(qh, kh, vh, 0.0, causal, attn_mask=mask, scale=scale)[0]
+    elif _grad_enabled() and (qh.requires_grad or kh.requires_grad or vh.requires_grad
+                              or sinks.requires_grad):
+        if mask is not None and mask.requires_grad:  # as the op itself says, not dropped silently
+            raise RuntimeError("torch.sdpa_flash (CPU) is not differentiable with respect to the "
+                               "mask (an attn_mask or ALiBi slopes requiring grad)")
+        out = _FlashSinks.apply(qh, kh, vh, sinks, mask, causal, scale)
+    else:
+        out = _flash_sinks(qh, kh, vh, sinks, mask, causal, scale)[0]
     return out.transpose(1, 2) if layout == "bshd" else out
 
 
@@ -244,6 +295,9 @@ def supports_flash(spec) -> list[str]:
             r.append("dropout is not supported by the forced flash kernel here")
         if _FLASH_CPU is None:
             r.append(f"torch {torch.__version__} has no flash-attention CPU op")
+        elif spec.sinks and spec.grad and _FLASH_CPU_BACKWARD is None:
+            r.append(f"torch {torch.__version__} has no backward op for flash attention on the "
+                     f"CPU, needed for sinks' gradients")
         if spec.head_dim_v != spec.head_dim:
             r.append("head_dim of v differs from q/k")
         return r
