@@ -46,6 +46,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--softcap", type=float, default=30.0, help="0 = none (default 30)")
     p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     p.add_argument("--interval", type=float, default=0.5, help="seconds between calls while building")
+    p.add_argument("--no-warmup", action="store_true", help="skip the lz.warmup part (runs against "
+                   "packages without lz.warmup too: the 'before' measurement)")
     p.add_argument("--cache-dir", help="FLASHINFER_WORKSPACE_BASE to use (default: a fresh temp dir)")
     a = p.parse_args()
     if a.max_wait <= 0 or a.interval <= 0:
@@ -94,11 +96,11 @@ def main() -> int:
               is_causal=a.seq_q > 1)
     q, k, v = tensors(a.head_dim)
 
-    def timed_call():
+    def timed_call(kwargs=None):
         lz.reset_metrics()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        lz.attention(q, k, v, **kw)
+        lz.attention(q, k, v, **(kwargs or kw))
         torch.cuda.synchronize()
         ran = lz.metrics()["calls"].get("attention", {})
         return (time.perf_counter() - t0) * 1e3, next(iter(ran), None)
@@ -117,10 +119,12 @@ def main() -> int:
     explain = str(lz.explain("attention", q, k, v, **kw))
 
     kw2 = dict(kw, softcap=None if a.softcap else 30.0)    # a second variant: softcap toggled
-    t0 = time.perf_counter()
-    report = lz.warmup("attention", q, k, v, timeout=a.max_wait, **kw2)
-    warm_s = time.perf_counter() - t0
-    after_warm = [timed_call() for _ in range(3)]
+    report, warm_s, after_warm = None, None, []
+    if not a.no_warmup:
+        t0 = time.perf_counter()
+        report = lz.warmup("attention", q, k, v, timeout=a.max_wait, **kw2)
+        warm_s = time.perf_counter() - t0
+        after_warm = [timed_call(kw2) for _ in range(3)]
 
     out = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -136,7 +140,7 @@ def main() -> int:
         "flashinfer_call_ms_median": round(statistics.median(ms for ms, _ in after), 3) if after else None,
         "kernels_after": sorted({k for _, k in after}),
         "warmup": {"variant_kwargs": {n: (list(x) if isinstance(x, tuple) else x) for n, x in kw2.items()},
-                   "seconds": round(warm_s, 1), "report": report},
+                   "seconds": None if warm_s is None else round(warm_s, 1), "report": report},
         "log": lines, "explain_after": explain,
     }
     with open(a.out, "w") as f:
@@ -155,8 +159,9 @@ def main() -> int:
     else:
         print(f"FlashInfer selected after {selected_after:.1f} s; then {out['flashinfer_call_ms_median']} ms "
               f"a call (median of 20, {out['kernels_after']})")
-    print(f"lz.warmup for {kw2}: {warm_s:.1f} s -> {report}; then "
-          f"{', '.join(f'{ms:.2f} ms on {k}' for ms, k in after_warm)}")
+    if report is not None:
+        print(f"lz.warmup for {kw2}: {warm_s:.1f} s -> {report}; then "
+              f"{', '.join(f'{ms:.2f} ms on {k}' for ms, k in after_warm)}")
     for line in lines:
         print("  log", line)
     print(f"wrote {a.out}")
