@@ -20,7 +20,12 @@ heads itself where its kernel lacks GQA.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import re
+import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -379,15 +384,46 @@ def _torch_gate(backend: str, b, hq, hk, sq, sk, d, dv, dtype, causal, mask, dro
         except TypeError:  # torch without enable_gqa in SDPAParams
             params = torch.backends.cuda.SDPAParams(q, k, v, m, p, causal)
         fn = getattr(torch.backends.cuda, f"can_use_{backend}_attention")
-        with warnings.catch_warnings(record=True) as caught:
+        if fn(params, False):  # the verdict alone: with debug=True torch also prints its reasons
+            return ()
+        # Refused: ask again for the reasons. torch's C++ warnings reach Python's warnings on some
+        # builds and stderr on others (torch 2.11: "[W... sdp_utils_cpp.h:418] Warning: ...", once
+        # per new shape, so every decode step of a GQA model printed one); both are kept here.
+        with warnings.catch_warnings(record=True) as caught, _stderr_captured() as printed:
             warnings.simplefilter("always")
-            ok = fn(params, True)
+            fn(params, True)
     except Exception:  # no verdict: the static reasons stand, runtime fallback covers the rest
         return ()
-    if ok:
-        return ()
-    msgs = [" ".join(str(w.message).split())[:240] for w in caught] or [f"can_use_{backend}_attention is False"]
+    msgs = [str(w.message) for w in caught] + _cpp_warnings(printed[0])
+    msgs = [" ".join(m.split())[:240] for m in msgs] or [f"can_use_{backend}_attention is False"]
     return tuple(f"torch: {m}" for m in dict.fromkeys(msgs))
+
+
+_CPP_WARNING = re.compile(r"^\[W[^\]]*\] Warning: (.*?)(?: \(function \w+\))?$")
+
+
+def _cpp_warnings(text: str) -> list[str]:
+    """The messages of c10's warnings ("[W<time> <file>:<line>] Warning: <message> (function
+    <name>)") printed in `text`."""
+    return [m.group(1) for m in map(_CPP_WARNING.match, text.splitlines()) if m]
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """What is written to file descriptor 2 inside the block (C++ code writes there directly)
+    goes into `printed[0]` instead. Used only around one gate call per new call shape."""
+    printed = [""]
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield printed
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            printed[0] = tmp.read().decode(errors="replace")
 
 
 def _gate(spec, backend, *, repeat_kv=False) -> tuple:
