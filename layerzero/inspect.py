@@ -41,7 +41,10 @@ def which(op: str, *args, **kwargs) -> str:
 
 
 def kernels(op: str | None = None) -> list[KernelInfo]:
-    """Every registered kernel (of `op`, if given): (id, op, backend, available, reason)."""
+    """Every registered kernel (of `op`, if given): (id, op, backend, available, reason).
+    `available` says whether the packages it needs import; `lz.doctor()` and `layerzero kernels`
+    also mark unavailable a kernel that runs on none of this machine's devices (a CUDA kernel on
+    a CPU-only machine), see `doctor.kernel_rows`."""
     ks = registry.op_kernels(op) if op is not None else registry.all_kernels()
     out = []
     for k in ks:
