@@ -10,7 +10,7 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 import layerzero as lz
-from layerzero import control, health
+from layerzero import control, health, registry
 
 
 @pytest.fixture(autouse=True)
@@ -24,3 +24,18 @@ def clean_state():
     torch.manual_seed(0)
     yield
     assert control.local.prefs == (), "a test leaked an lz.use() block"
+
+
+@pytest.fixture
+def temp_kernel():
+    """Register kernels for a test and remove them afterwards."""
+    added = []
+
+    def add(op, kid, fn, **kw):
+        lz.register(op, kid, fn, **kw)
+        added.append(kid)
+        return kid
+
+    yield add
+    for kid in added:
+        registry.unregister(kid)

@@ -21,17 +21,6 @@ from layerzero.call import CallSpec
 NAN_LOGITS = torch.full((2, 10), float("nan"))
 
 
-@pytest.fixture
-def temp_kernel():
-    added = []
-
-    def add(op, kid, fn, **kw):
-        lz.register(op, kid, fn, **kw)
-        added.append(kid)
-
-    yield add
-    for kid in added:
-        registry.unregister(kid)
 
 
 # ---- item 3: a user's input error never opens a breaker; the last resort is never cooled down --

@@ -13,19 +13,6 @@ def qkv():
     return tuple(torch.randn(1, 4, 8, 16) for _ in range(3))
 
 
-@pytest.fixture
-def temp_kernel():
-    """Register kernels for a test and remove them afterwards."""
-    added = []
-
-    def add(op, kid, fn, **kw):
-        lz.register(op, kid, fn, **kw)
-        added.append(kid)
-        return kid
-
-    yield add
-    for kid in added:
-        registry.unregister(kid)
 
 
 def test_explain_lists_every_kernel_with_status_and_reasons(qkv):
