@@ -29,6 +29,7 @@ class Jit:
         self.on_disk: set = set()
         self.builds: list = []
         self.release = threading.Event()
+        self.started = threading.Event()            # a build began (on whichever thread)
         self.error: Exception | None = None
         jit = self
 
@@ -43,6 +44,7 @@ class Jit:
             def build_and_load(self):
                 if self.name not in jit.on_disk:
                     jit.builds.append((self.name, threading.current_thread().name))
+                    jit.started.set()
                     assert jit.release.wait(10), "test never released the build"
                     if jit.error is not None:
                         raise jit.error
@@ -100,6 +102,7 @@ def test_a_call_never_waits_for_a_build(fi, caplog):
     with caplog.at_level(logging.INFO, logger="layerzero"):
         out = lz.attention(q, k, v, **kw)
         # the build can't end before the test releases it: the call returned without waiting
+        assert fi.started.wait(10)                       # the thread may take a moment to start
         assert len(fi.builds) == 1 and not fi.release.is_set()
         assert fi.builds[0][1].startswith("layerzero-build")             # on a thread of its own
         first = lz.explain("attention", q, k, v, **kw)
