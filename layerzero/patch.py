@@ -216,9 +216,13 @@ def watch(module: nn.Module, undo: list) -> None:
 def observe(module: nn.Module, key) -> None:
     """Note that `module` made a call of sizes `key`: an input's shape, or (batch, Sq, Sk) for
     attention. `lz.explain(model)` shows each module the decisions for these only. Not while
-    torch.compile traces (the set would be a side effect of the graph)."""
+    torch.compile traces (the set would be a side effect of the graph), and not even read then:
+    dynamo would guard on its contents, and every eager call of a new size would invalidate the
+    compiled graph."""
+    if torch.compiler.is_compiling():
+        return
     seen = module.__dict__.get("_lz_seen")
-    if seen is not None and not torch.compiler.is_compiling():
+    if seen is not None:
         seen.add(key)
 
 

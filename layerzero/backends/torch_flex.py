@@ -110,9 +110,14 @@ def flex(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     off = 0 if causal_align == "top_left" else sk - sq
+    # Inside an outer torch.compile (a compiled model) flex_attention and its block mask trace
+    # into that graph: a nested compiled function (code.replace, a compile lock) or an
+    # lru_cache'd mask would be a graph break in every layer.
+    traced = torch.compiler.is_compiling()
     block_mask = None
     if is_causal or window is not None:
-        block_mask = _block_mask((is_causal, window, off), sq, sk, q.device)
+        make_mask = _block_mask.__wrapped__ if traced else _block_mask
+        block_mask = make_mask((is_causal, window, off), sq, sk, q.device)
     score_mod = None
     if softcap is not None or alibi_slopes is not None or attn_mask is not None:
         alibi = None
@@ -133,7 +138,7 @@ def flex(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi
               softcap is not None, None if alibi_slopes is None else alibi_slopes.dim(),
               None if attn_mask is None else (attn_mask.dtype, attn_mask.dim()), sinks is not None)
     options = _kernel_options(q, k, block_mask)
-    run = _compiled(config if options is None else config + ("main kernel",))
+    run = _run_flex if traced else _compiled(config if options is None else config + ("main kernel",))
     if sinks is not None:
         out, lse = run(q, k, v, score_mod, block_mask, scale, hq != k.shape[1], True, options)
         dt = reference.compute_dtype(q.dtype)
