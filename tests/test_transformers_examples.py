@@ -49,3 +49,14 @@ def test_e2e_generate_benchmark_tiny(tmp_path):
     assert json.loads(path.read_text()) == json.loads(json.dumps(result))
     assert result["same_tokens"] and result["ratio"] > 0
     assert {"attention", "rms_norm", "rope", "swiglu"} <= set(result["kernels"]), result["kernels"]
+
+
+def test_static_generate_benchmark_tiny(tmp_path):
+    """Static-cache generate() auto-compiles the patched model into one frame, no graph break."""
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "static_generate.py"))
+    path = tmp_path / "static.json"
+    result = bench["main"](["--tiny", "--json", str(path)])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(result))
+    for row in result["variants"].values():
+        assert row["unique_graphs"] == 1 and row["graph_breaks"] == 0, row
+    assert result["ratio_tok_s"] > 0
