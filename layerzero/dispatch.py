@@ -105,7 +105,7 @@ def decide(spec, prefs: tuple | None = None) -> Decision:
         took = time.perf_counter() - t0
         telemetry.record_selection(took)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("new decision in %.0f us for %s%s\n%s", took * 1e6, _brief(spec),
+            log.debug("new decision in %.0f us%s\n%s", took * 1e6,   # d's first line: the call
                       f" under lz.use{prefs}" if prefs else "", d)
         with _lock:
             if gen == control.generation:
@@ -128,13 +128,6 @@ def _grad_choice(spec) -> str | None:
         if gen == control.generation:
             _bounded_put(grad_choices, pkey, d.chosen)
     return d.chosen
-
-
-def _brief(spec) -> str:
-    """The fields of a CallSpec that differ from their defaults, for the debug log."""
-    defaults = {**spec._field_defaults, "sm": 0, "flags": []}
-    return ", ".join(f"{k}={v}" for k, v in spec.as_dict().items()
-                     if k not in defaults or v != defaults[k])
 
 
 def call(key: Hashable | None, args: tuple, describe: Callable[..., Any]) -> Any:

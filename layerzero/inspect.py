@@ -24,11 +24,7 @@ def explain(op, *args, **kwargs):
             return explain_model(op)
         if isinstance(getattr(op, "components", None), dict):
             return explain_pipeline(op)
-    if not isinstance(op, str):
-        raise TypeError(f"explain(op, *args, **kwargs) takes an op name ({', '.join(registry.OPS)}); "
-                        f"got {type(op).__name__}")
-    registry.check_op(op)
-    spec, _ = ops.describe(op, args, kwargs)
+    spec, _ = ops.describe(op, args, kwargs, "explain")
     return dispatch.decide(spec)
 
 

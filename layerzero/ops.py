@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import control, dispatch, health, validate
+from . import control, dispatch, health, registry, validate
 from .call import CallSpec
 from .validate import window_tuple
 
@@ -200,7 +200,12 @@ def bind(op: str, args: tuple, kwargs: dict) -> tuple:
     return vals
 
 
-def describe(op: str, args: tuple, kwargs: dict) -> tuple[CallSpec, tuple]:
-    """(CallSpec, bound args) for `lz.<op>(*args, **kwargs)`, validating like the op does."""
+def describe(op: str, args: tuple, kwargs: dict, caller: str = "describe") -> tuple[CallSpec, tuple]:
+    """(CallSpec, bound args) for `lz.<op>(*args, **kwargs)`, validating like the op does;
+    `op` must name an op (`caller` names the public function in the error)."""
+    if not isinstance(op, str):
+        raise TypeError(f"{caller}(op, *args, **kwargs) takes an op name ({', '.join(registry.OPS)}); "
+                        f"got {type(op).__name__}")
+    registry.check_op(op)
     vals = bind(op, args, kwargs)
     return DESCRIBE[op](*vals), vals

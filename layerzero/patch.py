@@ -231,13 +231,29 @@ def observe(module: nn.Module, key) -> None:
 # LayerZero never reassigns one. A patched module instead runs a copy of its own code whose global
 # names resolve to LayerZero's functions (`with_globals`), so only the patched model sees them.
 
-def global_names(code) -> set:
-    """Names `code` and the functions nested in it read as globals."""
-    names = {ins.argval for ins in dis.get_instructions(code) if ins.opname == "LOAD_GLOBAL"}
+def global_uses(code) -> tuple[set, set]:
+    """(names X read as globals, names X with X.scaled_dot_product_attention read) in `code` and the
+    functions nested in it (which inherit a rebound namespace when created)."""
+    names, sdpa_owners = set(), set()
+    prev = None
+    for ins in dis.get_instructions(code):
+        if ins.opname == "LOAD_GLOBAL":
+            names.add(ins.argval)
+        if (prev is not None and prev.opname == "LOAD_GLOBAL" and ins.opname in ("LOAD_ATTR", "LOAD_METHOD")
+                and ins.argval == "scaled_dot_product_attention"):
+            sdpa_owners.add(prev.argval)
+        prev = ins
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= global_names(const)
-    return names
+            n, o = global_uses(const)
+            names |= n
+            sdpa_owners |= o
+    return names, sdpa_owners
+
+
+def global_names(code) -> set:
+    """Names `code` and the functions nested in it read as globals."""
+    return global_uses(code)[0]
 
 
 def rebound_module(g: dict, rebind: dict) -> dict:
@@ -266,30 +282,37 @@ def _cell(c):
         return None
 
 
+def _copy_function(fn, namespace: dict, closure):
+    """Function `fn` (defaults, names, doc, attributes) over `namespace` and `closure`."""
+    new = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, closure)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__, new.__doc__ = fn.__qualname__, fn.__doc__
+    new.__dict__.update(fn.__dict__)
+    return new
+
+
+def rebound_function(fn, rebind: dict):
+    """A copy of function `fn` reading the names in `rebind` from `rebound_module`."""
+    return _copy_function(fn, rebound_module(fn.__globals__, rebind), fn.__closure__)
+
+
 def with_globals(fn, rebind: dict):
     """A copy of function `fn` whose innermost function (through `functools.wraps` decorators whose
     closure holds the function they wrap; each one is copied around the new inner one) reads the
     names in `rebind` from `rebound_module`. None when a decorator hides the function it wraps."""
     inner = getattr(fn, "__wrapped__", None)
-    code = getattr(fn, "__code__", None)
-    if code is None:
+    if getattr(fn, "__code__", None) is None:
         return None
     if inner is None:
-        new = types.FunctionType(code, rebound_module(fn.__globals__, rebind), fn.__name__,
-                                 fn.__defaults__, fn.__closure__)
-    else:
-        cells = fn.__closure__ or ()
-        at = [i for i, c in enumerate(cells) if _cell(c) is inner]
-        new_inner = with_globals(inner, rebind) if len(at) == 1 else None
-        if new_inner is None:
-            return None
-        cells = tuple(types.CellType(new_inner) if i == at[0] else c for i, c in enumerate(cells))
-        new = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, cells)
-    new.__kwdefaults__ = fn.__kwdefaults__
-    new.__qualname__, new.__doc__ = fn.__qualname__, fn.__doc__
-    new.__dict__.update(fn.__dict__)
-    if inner is not None:
-        new.__wrapped__ = new_inner
+        return rebound_function(fn, rebind)
+    cells = fn.__closure__ or ()
+    at = [i for i, c in enumerate(cells) if _cell(c) is inner]
+    new_inner = with_globals(inner, rebind) if len(at) == 1 else None
+    if new_inner is None:
+        return None
+    cells = tuple(types.CellType(new_inner) if i == at[0] else c for i, c in enumerate(cells))
+    new = _copy_function(fn, fn.__globals__, cells)
+    new.__wrapped__ = new_inner
     return new
 
 

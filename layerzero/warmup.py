@@ -25,13 +25,13 @@ from typing import Callable, Hashable
 import torch
 
 from . import control, registry
+from .backends._gpu import _compiling, _modes
 
 log = logging.getLogger("layerzero")
 
 # ---- torch.compile ------------------------------------------------------------------------------
 
 compile_lock = threading.RLock()
-_modes = getattr(torch._C, "_len_torch_dispatch_stack", None) or (lambda: 0)
 
 
 def compile_serialised(fn: Callable, **options) -> Callable:
@@ -103,7 +103,7 @@ _local = _Local()
 def tracing() -> bool:
     """Inside torch.compile tracing, a dispatch mode (make_fx, fake tensors) or CUDA-graph
     capture: nothing may be checked on the device or started there."""
-    if torch.compiler.is_compiling() or _modes():
+    if _compiling() or _modes():
         return True
     guards = sys.modules.get("torch._guards")           # dynamo calls decisions eagerly
     if guards is not None and guards.TracingContext.try_get() is not None:
@@ -228,14 +228,10 @@ def warmup(op: str | None = None, *args, timeout: float | None = None, **kwargs)
             started = [b for b in _builds.values() if b.state in ("building", "built", "failed")]
         _wait(started, timeout)
         return _report(started)
-    if not isinstance(op, str):
-        raise TypeError(f"warmup(op, *args, **kwargs) takes an op name ({', '.join(registry.OPS)}); "
-                        f"got {type(op).__name__}")
-    registry.check_op(op)
     from . import ops
     from .select import select
 
-    spec, _ = ops.describe(op, args, kwargs)
+    spec, _ = ops.describe(op, args, kwargs, "warmup")
     _local.noted = noted = []
     try:
         select(spec, registry.op_kernels(op), control.effective, control.local.prefs)

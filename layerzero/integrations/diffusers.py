@@ -28,7 +28,6 @@ modules (`proj` -> chunk -> act(gate) * up) become `lz.geglu` / `lz.swiglu` afte
 """
 from __future__ import annotations
 
-import dis
 import functools
 import logging
 import sys
@@ -41,7 +40,7 @@ from torch import nn
 
 from .. import ops, reference, telemetry
 from ..patch import (META, Item, Report, _param_device, _Record, _records, _run_original, agree,
-                     observe, probe_input, rebound_module, set_attr, swap_forward, watch)
+                     global_uses, observe, probe_input, rebound_function, set_attr, swap_forward, watch)
 from ..patch import patch as lz_patch
 from ..patch import unpatch as lz_unpatch
 
@@ -239,26 +238,6 @@ def register_backend(attention_dispatch=None) -> None:
 
 # ---- recognising processors --------------------------------------------------------------------
 
-def _global_uses(code) -> tuple[set, set]:
-    """(names X read as globals, names X with X.scaled_dot_product_attention read) in `code` and the
-    functions nested in it (which inherit the rebound globals when created)."""
-    names, sdpa_owners = set(), set()
-    prev = None
-    for ins in dis.get_instructions(code):
-        if ins.opname == "LOAD_GLOBAL":
-            names.add(ins.argval)
-        if (prev is not None and prev.opname == "LOAD_GLOBAL" and ins.opname in ("LOAD_ATTR", "LOAD_METHOD")
-                and ins.argval == "scaled_dot_product_attention"):
-            sdpa_owners.add(prev.argval)
-        prev = ins
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            n, s = _global_uses(const)
-            names |= n
-            sdpa_owners |= s
-    return names, sdpa_owners
-
-
 def _is_diffusers_fn(obj, module: str, name: str) -> bool:
     return getattr(obj, "__module__", None) == module and getattr(obj, "__name__", None) == name
 
@@ -281,7 +260,7 @@ def _plan(cls, attention: bool, rope: bool) -> dict:
         _plans[key] = plan
         return plan
     g = fn.__globals__
-    names, owners = _global_uses(code)
+    names, owners = global_uses(code)
     rebind, what = {}, []
     for n in sorted(owners):
         if g.get(n) is torch.nn.functional:
@@ -314,13 +293,8 @@ def _plan(cls, attention: bool, rope: bool) -> dict:
             elif callable(obj) and "rotary" in n.lower() and plan["rope"] is None:
                 plan["rope_why"] = f"{cls.__name__}: rotary helper {n} is not diffusers' apply_rotary_emb"
     if rebind:
-        call = types.FunctionType(code, rebound_module(g, rebind), fn.__name__, fn.__defaults__,
-                                  fn.__closure__)
-        call.__kwdefaults__ = fn.__kwdefaults__
-        call.__qualname__, call.__doc__ = fn.__qualname__, fn.__doc__
-        call.__dict__.update(fn.__dict__)
         plan["sub"] = type(cls)(cls.__name__, (cls,), {
-            "__call__": _noting(call), "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__call__": _noting(rebound_function(fn, rebind)), "__module__": cls.__module__, "__qualname__": cls.__qualname__,
             "__doc__": cls.__doc__, "_layerzero_original_class": cls})
     _plans[key] = plan
     return plan
