@@ -8,6 +8,7 @@ name, and a plugin's kernel states its devices the same way, through its reasons
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import platform
 from dataclasses import dataclass, field
@@ -85,9 +86,11 @@ _CALLS = {
 }
 
 
-def sample_calls(op: str, device: str, sm: int) -> list:
+@functools.lru_cache(maxsize=None)
+def sample_calls(op: str, device: str, sm: int) -> tuple:
     """CallSpecs of ordinary `op` calls on `device` (CUDA: of compute capability `sm`), in
-    float32, bfloat16 and float16; built by the op's own validation from meta tensors."""
+    float32, bfloat16 and float16; built by the op's own validation from meta tensors (once:
+    every kernel of the op is asked about the same calls)."""
     from . import ops
 
     specs = []
@@ -96,7 +99,7 @@ def sample_calls(op: str, device: str, sm: int) -> list:
             args = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
             spec, _ = ops.describe(op, args, kwargs)
             specs.append(spec._replace(device=device, sm=sm))
-    return specs
+    return tuple(specs)
 
 
 def _device_reason(k, here) -> str | None:

@@ -132,13 +132,17 @@ def flex(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi
                 float_mask = full.to(q.dtype if q.dtype == torch.float64 else torch.float32)
         score_mod = _score_mod(softcap, alibi, bool_mask, float_mask,
                                torch.tensor(off, device=q.device) if alibi is not None else 0)
-    # One configuration: what changes the traced program. On CPU (static shapes) the shapes too.
-    config = (q.device.type, q.dtype, q.shape if q.device.type == "cpu" else q.shape[-1],
-              k.shape if q.device.type == "cpu" else k.shape[1], is_causal, window,
-              softcap is not None, None if alibi_slopes is None else alibi_slopes.dim(),
-              None if attn_mask is None else (attn_mask.dtype, attn_mask.dim()), sinks is not None)
     options = _kernel_options(q, k, block_mask)
-    run = _run_flex if traced else _compiled(config if options is None else config + ("main kernel",))
+    if traced:
+        run = _run_flex
+    else:
+        # One configuration: what changes the traced program. On CPU (static shapes) the shapes too.
+        config = (q.device.type, q.dtype, q.shape if q.device.type == "cpu" else q.shape[-1],
+                  k.shape if q.device.type == "cpu" else k.shape[1], is_causal, window,
+                  softcap is not None, None if alibi_slopes is None else alibi_slopes.dim(),
+                  None if attn_mask is None else (attn_mask.dtype, attn_mask.dim()), sinks is not None,
+                  options is not None)     # the main kernel forced: its own compile
+        run = _compiled(config)
     if sinks is not None:
         out, lse = run(q, k, v, score_mod, block_mask, scale, hq != k.shape[1], True, options)
         dt = reference.compute_dtype(q.dtype)
