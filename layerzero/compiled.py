@@ -18,6 +18,10 @@ in traced code becomes a graph break, an `Unsupported` error under fullgraph=Tru
 raises the error as a subclass of both (`_user_error`): `except ValueError` catches it, and the
 message names the argument as in eager mode, followed by dynamo's "from user code" trace.
 
+A traced call's CallSpec carries the flag "traced": ops inductor fuses (norms, RoPE, gated
+activations) then take their plain-PyTorch form, which inductor fuses with the code around it,
+over opaque custom-op kernels (backends.priorities.reference).
+
 Consequences: a compiled graph keeps the kernel chosen when it was traced (reset dynamo after
 changing the policy), has no runtime fallback, and `lz.metrics()` counts each traced call once,
 when it is traced, not on every replay.
@@ -36,6 +40,7 @@ from .call import device_sm
 
 log = logging.getLogger("layerzero")
 _installed = False
+TRACED = frozenset({"traced"})   # in a traced call's CallSpec (see backends.priorities.reference)
 
 
 def _meta(v: Any) -> Any:
@@ -74,7 +79,7 @@ def _choose(op: str, args: tuple, kwargs: tuple, grad: bool) -> str:
                 vals.append(m)
         with torch.set_grad_enabled(grad):
             spec = ops.DESCRIBE[op](*vals)
-        spec = spec._replace(device=device.type, sm=device_sm(device))
+        spec = spec._replace(device=device.type, sm=device_sm(device), flags=spec.flags | TRACED)
         d = dispatch.decide(spec)
         if d.error:
             raise ValueError(d.error)

@@ -38,6 +38,8 @@ def pretend_available(monkeypatch):
     (attn(b=4, hk=8, mask="bool", causal=True, sq=2048, sk=2048), "feature"),   # flex skips tiles
     (attn(b=1, hq=32, hk=8, sq=2048, sk=2048, softcap=True), "feature"),
     (attn(b=64, hk=8, sq=512, sk=512, causal=True), "small"),               # short keys
+    (attn(b=8, hk=8, sq=1, sk=2304, mask="bool", flags=frozenset({"traced"})), "decode"),
+    (attn(b=8, hk=8, sq=1, sk=2304, mask="bool", softcap=True, flags=frozenset({"traced"})), "feature_decode"),
     (attn(b=4, hq=8, hk=8, d=256), "small"),                                # d256 without causal
     (attn(b=1, hq=16, hk=16, sq=4096, sk=4096, d=256, causal=True), "prefill"),
     (attn(causal=True, causal_align="bottom_right"), "prefill"),           # Sq == Sk: same mask
@@ -260,3 +262,31 @@ def test_shape_masks_are_not_cached_while_traced(monkeypatch):
         m, empty = torch_sdpa.shape_mask(q, 4, 6, True, None, None, "bottom_right")
         assert m.shape == (4, 6) and not empty
     assert torch_sdpa._MASKS == {}                   # no fake tensor kept for eager calls
+
+
+@pytest.mark.parametrize("op", sorted(priorities.TRACED_FUSABLE))
+def test_traced_calls_of_fusable_ops_take_the_plain_pytorch_form(monkeypatch, op):
+    """Traced by torch.compile, a norm / RoPE / gated activation goes to its reference kernel,
+    which inductor fuses with its neighbours, not to an opaque Triton/Liger/FlashInfer op; the
+    same call run eagerly keeps the GPU kernels."""
+    pretend_available(monkeypatch)
+    rows = dict(batch=8192, head_dim=4096)
+    if op == "rope":
+        rows = dict(batch=8, num_heads=32, num_kv_heads=8, seq_len_q=2048, seq_len_k=2048, head_dim=128)
+    eager = CallSpec(op, "cuda", 90, torch.bfloat16, **rows)
+    traced = eager._replace(flags=eager.flags | {"traced"})
+    kernels = registry.op_kernels(op)
+    assert select(eager, kernels, Policy()).chosen != f"reference.{op}"
+    assert select(traced, kernels, Policy()).chosen == f"reference.{op}"
+    assert priorities.reference(traced._replace(op="attention")) == 0
+
+
+def test_a_compiled_call_is_described_as_traced():
+    from layerzero import compiled
+
+    lz.reset_metrics()
+    x, w = torch.randn(4, 64), torch.randn(64)
+    out = torch.compile(lambda x, w: lz.rms_norm(x, w), backend="eager", fullgraph=True)(x, w)
+    torch.testing.assert_close(out, reference.rms_norm(x, w))
+    assert "reference.rms_norm" in lz.metrics()["calls"]["rms_norm"]
+    assert "traced" in compiled.TRACED

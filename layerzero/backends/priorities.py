@@ -104,10 +104,17 @@ def call_kind(spec) -> str:
       0.376 ms and 4x2k d256 0.245 vs 0.211 at the same 1.4e11 FLOP where it won 1x4k d256
       causal 0.215 vs 0.267);
     - "prefill": the rest.
+
+    One query token in a call traced by torch.compile (a compiled decode step) with nothing SDPA
+    can't take (no softcap or sinks) is "decode": SDPA with the mask, which inductor lowers to
+    aten's kernels, over flex's generated decode kernel (little to skip in one row; and flex's
+    template failed to compile for fp32 head_dim 16 on the H200: no runtime fallback in a graph).
     """
     flops = attention_flops(spec)
     if not sdpa_native(spec):
         if spec.seq_len_q == 1:
+            if "traced" in spec.flags and not (spec.softcap or spec.sinks):
+                return "decode"
             return "feature_decode"
         if (spec.seq_len_q > DECODE_MAX_Q and flops < SMALL_FLOPS and not spec.softcap
                 and not spec.sinks and not (spec.mask != "none" and spec.causal)):
@@ -146,6 +153,20 @@ def by_size(big: int, small: int, min_elems: int = 1 << 20, *, residual: int | N
             return small
         return residual if residual is not None and "residual" in spec.flags else big
     return priority
+
+
+# Ops whose plain-PyTorch form inductor fuses with its neighbours (residual adds, casts, RoPE's
+# slices, the gate's multiply): in a call traced by torch.compile (flag "traced", set by
+# compiled._choose) their reference kernel, that form, goes first. An opaque custom op (Triton,
+# Liger, FlashInfer) would cut those fusions and stay a launch of its own in the graph.
+TRACED_FUSABLE = frozenset({"rms_norm", "layer_norm", "rope", "swiglu", "geglu"})
+TRACED_REFERENCE = 90
+
+
+def reference(spec) -> int:
+    """priority(spec) of the reference kernels: 0 (the last resort), TRACED_REFERENCE for a
+    traced call of a TRACED_FUSABLE op."""
+    return TRACED_REFERENCE if "traced" in spec.flags and spec.op in TRACED_FUSABLE else 0
 
 
 def gpu_only(value: int) -> Callable:
