@@ -1,0 +1,204 @@
+"""lz.generate: transformers' generate() results from LayerZero's static-cache decode loop (CPU:
+the same step as on CUDA, without the compile and the graph)."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+T = pytest.importorskip("transformers")
+
+import layerzero as lz  # noqa: E402
+from layerzero import generation as lzgen  # noqa: E402
+from test_transformers import _build  # noqa: E402
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "mixtral", "gpt2"]
+PROMPT = 7
+
+
+def _batch(rows=3):
+    """Left-padded prompts: row 1 has 2 pads, row 2 has 5."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (rows, PROMPT), generator=g)
+    mask = torch.ones_like(ids)
+    if rows > 1:
+        mask[1, :2] = 0
+    if rows > 2:
+        mask[2, :5] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def _pair(family):
+    ref, *_ = _build(family)
+    return ref, copy.deepcopy(ref)
+
+
+def _eos_that_stops(ref, ids, mask, gen):
+    """EOS ids that stop rows 0 and 2 early, at different steps (read off a run without EOS)."""
+    free = ref.generate(ids, attention_mask=mask, eos_token_id=None, **gen)
+    return [int(free[0, PROMPT + 2]), int(free[2, PROMPT + 5])]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_identical_with_eos_on_a_left_padded_batch(family):
+    """Sliding window (mistral, gemma2), softcap (gemma2), MoE (mixtral), partial RoPE (phi3),
+    learned positions (gpt2): both routes give transformers' tokens, rows stopping at their EOS
+    and padded after it."""
+    ref, model = _pair(family)
+    ids, mask = _batch()
+    gen = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    eos = _eos_that_stops(ref, ids, mask, gen)
+    want = ref.generate(ids, attention_mask=mask, eos_token_id=eos, **gen)
+    assert (want[:, PROMPT:] == 0).any(), "the EOS ids should stop some row early"
+    got = lz.generate(model, ids, attention_mask=mask, eos_token_id=eos, **gen)
+    assert torch.equal(got, want)
+    got = model.generate(ids, attention_mask=mask, eos_token_id=eos, custom_generate=lz.generate, **gen)
+    assert torch.equal(got, want)
+    from layerzero.patch import report
+    assert report(model) is not None   # lz.generate patched it
+
+
+def test_every_row_finishing_stops_the_loop_early():
+    ref, model = _pair("llama")
+    ids, mask = _batch(1)
+    gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    free = ref.generate(ids, attention_mask=mask, eos_token_id=None, **gen)
+    eos = int(free[0, PROMPT + 3])
+    want = ref.generate(ids, attention_mask=mask, eos_token_id=eos, **gen)
+    got = lz.generate(model, ids, attention_mask=mask, eos_token_id=eos, **gen)
+    assert want.shape[1] < PROMPT + 12 and torch.equal(got, want)
+
+
+def test_return_dict_scores_logits_min_new_tokens_and_max_length():
+    ref, model = _pair("qwen2")
+    ids, mask = _batch()
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    eos = _eos_that_stops(ref, ids, mask, gen)
+    for extra in ({"min_new_tokens": 5}, {"max_length": PROMPT + 6, "max_new_tokens": None},
+                  {"min_length": PROMPT + 4}):
+        kw = {**gen, **extra, "eos_token_id": eos, "return_dict_in_generate": True,
+              "output_scores": True, "output_logits": True}
+        want = ref.generate(ids, attention_mask=mask, **kw)
+        got = lz.generate(model, ids, attention_mask=mask, **kw)
+        assert type(got) is type(want)
+        assert torch.equal(got.sequences, want.sequences), extra
+        assert len(got.scores) == len(want.scores) == len(got.logits) == len(want.logits)
+        for a, b in zip(got.scores + got.logits, want.scores + want.logits):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_processors_and_criteria_outside_the_step_run_between_steps(caplog):
+    """A repetition penalty and a user stopping criterion: transformers' own objects, run eagerly
+    between steps (logged), with transformers' results."""
+    ref, model = _pair("llama")
+    ids, mask = _batch()
+
+    class StopAfter(T.StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] % 5 == 0
+
+    gen = dict(max_new_tokens=9, do_sample=False, pad_token_id=0, eos_token_id=None,
+               repetition_penalty=1.5, stopping_criteria=T.StoppingCriteriaList([StopAfter()]))
+    want = ref.generate(ids, attention_mask=mask, **gen)
+    with caplog.at_level(logging.INFO, logger="layerzero"):
+        got = lz.generate(model, ids, attention_mask=mask, **gen)
+    assert torch.equal(got, want)
+    assert any("RepetitionPenaltyLogitsProcessor" in r.getMessage() and "between steps" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_streamer_gets_the_tokens_as_transformers_streams_them():
+    class Recorder(T.generation.streamers.BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    ref, model = _pair("llama")
+    ids, mask = _batch(1)
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    want = Recorder()
+    ref.generate(ids, attention_mask=mask, streamer=want, **gen)
+    for route in ("direct", "custom_generate"):
+        got = Recorder()
+        if route == "direct":
+            lz.generate(model, ids, attention_mask=mask, streamer=got, **gen)
+        else:
+            model.generate(ids, attention_mask=mask, streamer=got, custom_generate=lz.generate, **gen)
+        assert got.puts == want.puts and got.ended, route
+
+
+def test_a_second_call_reuses_the_loop_with_another_prompt_length():
+    ref, model = _pair("mistral")
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ids, mask = _batch()
+    lz.generate(model, ids, attention_mask=mask, **gen)
+    loops = dict(lzgen._LOOPS[model])
+    short_ids, short_mask = ids[:, 2:], mask[:, 2:]   # same batch and length bucket
+    want = ref.generate(short_ids, attention_mask=short_mask, **gen)
+    assert torch.equal(lz.generate(model, short_ids, attention_mask=short_mask, **gen), want)
+    assert len(lzgen._LOOPS[model]) == 1 and list(lzgen._LOOPS[model].values()) == list(loops.values())
+
+
+def test_sampling_runs_through_lz_sample():
+    _, model = _pair("llama")
+    ids, mask = _batch()
+    lz.reset_metrics()
+    torch.manual_seed(0)
+    out = lz.generate(model, ids, attention_mask=mask, max_new_tokens=5, do_sample=True, top_k=20,
+                      top_p=0.9, temperature=0.8, pad_token_id=0)
+    assert out.shape == (3, PROMPT + 5) and int(out.max()) < 128
+    assert torch.equal(out[:, :PROMPT], ids)
+    assert lz.metrics()["calls"]["sample"]
+
+
+def test_lz_patch_false_leaves_the_model_unpatched():
+    ref, model = _pair("llama")
+    ids, mask = _batch()
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    got = lz.generate(model, ids, attention_mask=mask, lz_patch=False, **gen)
+    from layerzero.patch import report
+    assert report(model) is None
+    assert torch.equal(got, ref.generate(ids, attention_mask=mask, **gen))
+
+
+@pytest.mark.parametrize("option, says", [
+    ({"num_beams": 2}, "num_beams=2"),
+    ({"penalty_alpha": 0.6, "top_k": 4}, "penalty_alpha"),
+    ({"output_attentions": True, "return_dict_in_generate": True}, "output_attentions"),
+    ({"prefix_allowed_tokens_fn": lambda b, ids: [3, 4]}, "prefix_allowed_tokens_fn"),
+    ({"cache_implementation": "offloaded"}, "cache_implementation='offloaded'"),
+    ({"assistant_model": "draft"}, "assistant_model"),
+])
+def test_options_it_cannot_honour_raise(option, says):
+    _, model = _pair("llama")
+    ids, mask = _batch()
+    option = dict(option)
+    if option.get("assistant_model") == "draft":
+        option["assistant_model"] = copy.deepcopy(model)
+    for call in (lambda: lz.generate(model, ids, attention_mask=mask, max_new_tokens=3, **option),
+                 lambda: model.generate(ids, attention_mask=mask, max_new_tokens=3,
+                                        custom_generate=lz.generate, **option)):
+        with pytest.raises(ValueError, match="model.generate") as e:
+            call()
+        assert says in str(e.value)
+
+
+def test_encoder_decoder_and_embeddings_raise():
+    t5, *_ = _build("t5")
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="encoder-decoder.*model.generate"):
+        lz.generate(t5, ids, attention_mask=mask, max_new_tokens=3)
+    _, model = _pair("llama")
+    emb = model.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match="inputs_embeds|input_ids"):
+        lz.generate(model, inputs_embeds=emb, attention_mask=mask, max_new_tokens=3)
+    with pytest.raises(TypeError, match="model"):
+        lz.generate("not a model", ids)
