@@ -4,12 +4,23 @@ Two shapes, bf16, random weights, batch 1, on CUDA:
   1b   hidden 2048, 16 layers, 32 q / 8 kv heads, intermediate 8192, vocab 128256, 2048 tokens
   8b8  Llama-3-8B (hidden 4096, 32 / 8 heads, intermediate 14336, vocab 128256) cut to 8 layers,
        8192 tokens
-Variants (all but the last switched in place on one model):
+Variants (the first five switched in place on one model):
   eager, sdpa, flex_attention       model.set_attn_implementation(name)
   layerzero-attn                    attn_implementation="layerzero": attention only
   layerzero                         lz.patch(model): attention, RMSNorm, RoPE, SwiGLU
   sdpa+liger                        sdpa + liger_kernel's apply_liger_kernel_to_llama(model=...) on a
                                     second model with the same weights (Liger can't be undone)
+  sdpa+compile                      sdpa, then torch.compile(model) (default mode)
+  layerzero+compile                 lz.patch(model), then torch.compile(model) (default mode)
+The two +compile variants each run in a process of their own (`--one NAME`, started by this one
+after the in-place variants are done and their models freed): one model switched between variants
+would share dynamo's caches and LayerZero's module swaps with the others. The child builds the same
+model (same seed, same weights) and prompt, patches and compiles it, times the first forward (the
+compile: `compile_s` in the JSON), warms it up as the first pass does, then times --rounds x
+--iters forwards (--rewarm forwards before each round) the same way; it can't interleave with the
+other variants. It reports dynamo's compiled frames and graph breaks, its logits (compared with
+sdpa's here) and, for layerzero+compile, the kernels LayerZero ran (from before the compile on).
+Prints t(layerzero+compile) / t(sdpa+compile) per shape (goal <= 0.85 at 1b and 8b8).
 Liger also replaces module-level names of transformers' modeling_llama (apply_rotary_pos_emb,
 LlamaRMSNorm, LlamaMLP); the module's globals are saved before and right after Liger is applied,
 and each switch puts back the right set (transformers' own for every other variant, Liger's for
@@ -25,13 +36,15 @@ the median (and min) over the samples of all its rounds; the JSON also has each 
 Afterwards sdpa and layerzero run once more on the first model (after Liger was applied to the
 second one and its globals were swapped in and out): their logits and LayerZero's kernels should be
 the first pass's (printed and in the JSON; a warning if not, an error with --tiny).
-Prints each time, LayerZero's ratio to the best other variant (goals: 1b <= 0.8, 8b8 <= 0.95), the
-max difference of each variant's logits from sdpa's, the kernels LayerZero ran, and writes JSON
-(--json PATH).
+Prints each time, LayerZero's ratio to the best other variant not compiled (goals: 1b <= 0.8,
+8b8 <= 0.95), the max difference of each variant's logits from sdpa's, the kernels LayerZero ran,
+and writes JSON (--json PATH).
 --tiny: a tiny fp32 model on CPU (a smoke run for tests; no timing claims); sdpa+liger is not run
 (Triton needs CUDA), but when liger_kernel is installed it is still applied to the second model,
 so the check above covers the globals swap; it also asserts that the layerzero variant ran
-LayerZero's attention, rms_norm, rope and swiglu.
+LayerZero's attention, rms_norm, rope and swiglu. The +compile variants run with
+torch.compile(backend="eager") (dynamo traces, no inductor: seconds on CPU), their two processes at
+once; they must match sdpa's logits (max |diff| < 1e-4).
 
     PYTHONPATH=$PWD python3 benchmarks/e2e_transformers.py --json $OUT/e2e_transformers.json
 """
@@ -41,8 +54,12 @@ import argparse
 import gc
 import importlib.util
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -57,7 +74,9 @@ SHAPES = {
 }
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=128, tokens=16, goal=None)
-VARIANTS = ("eager", "sdpa", "flex_attention", "layerzero-attn", "layerzero", "sdpa+liger")
+COMPILED = ("sdpa+compile", "layerzero+compile")   # each in a process of its own
+VARIANTS = ("eager", "sdpa", "flex_attention", "layerzero-attn", "layerzero", "sdpa+liger") + COMPILED
+COMPILE_GOAL = 0.85   # t(layerzero+compile) / t(sdpa+compile)
 
 
 def build(shape: dict, device: str, dtype: torch.dtype):
@@ -166,6 +185,107 @@ def _check_modeling(expected: dict, lz_rope: bool = False) -> None:
         raise RuntimeError(f"modeling_llama globals not those of this variant: {sorted(bad)[:8]}")
 
 
+def run_children(cmds: dict, parallel: bool = False):
+    """Run each command (name -> argv list) as a process of its own; yields (name, returncode,
+    stdout, stderr) in the order given. One after another (for timing), or all at once with
+    `parallel` (CPU smoke runs: each child spends seconds importing torch and transformers; one
+    intra-op thread each then). The repository root goes first on PYTHONPATH (layerzero)."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if parallel:
+        env["OMP_NUM_THREADS"] = "1"
+    names = list(cmds)
+
+    def start(name):
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")   # files: no pipe stalls
+        return subprocess.Popen(cmds[name], stdout=out, stderr=err, text=True, env=env), out, err
+
+    def finish(name, started):
+        proc, out, err = started
+        rc = proc.wait()
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read())
+            f.close()
+        return name, rc, texts[0], texts[1]
+
+    if parallel:
+        started = {n: start(n) for n in names}
+        for n in names:
+            yield finish(n, started[n])
+    else:
+        for n in names:
+            yield finish(n, start(n))
+
+
+def child_result(stdout: str) -> dict:
+    """The JSON a child printed on its last line starting with "RESULT "."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError("the child printed no RESULT line")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def one_compiled(name: str, label: str, args, logits_path: str) -> dict:
+    """Child process of a +compile variant: build the model of shape `label` (same seed, weights and
+    prompt as the parent's), patch it (layerzero+compile) and torch.compile it, time the first
+    forward (the compile), warm up, time --rounds x --iters forwards; logits go to `logits_path`."""
+    import torch._dynamo
+
+    tiny = label == "tiny"
+    shape, device, dtype = (TINY, "cpu", torch.float32) if tiny else (SHAPES[label], "cuda", torch.bfloat16)
+    cuda = device == "cuda"
+    model = build(shape, device, dtype)
+    ids = torch.randint(0, shape["vocab_size"], (1, shape["tokens"]), device=device,
+                        generator=torch.Generator(device).manual_seed(1))
+    set_variant(model, name.split("+")[0])
+    compiled = torch.compile(model, backend="eager") if tiny else torch.compile(model)
+    torch._dynamo.utils.counters.clear()
+    lz.reset_metrics()
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = prefill(compiled, ids).float()
+        if cuda:
+            torch.cuda.synchronize()
+        compile_s = time.perf_counter() - t0
+        warm(lambda: prefill(compiled, ids), args.warmup, 0.5 if cuda else 0.0, cuda)
+        samples = []
+        for _ in range(args.rounds):
+            warm(lambda: prefill(compiled, ids), args.rewarm, 0.0, cuda)
+            samples.append(time_ms(lambda: prefill(compiled, ids), args.iters, cuda))
+    torch.save(out.cpu(), logits_path)
+    c = torch._dynamo.utils.counters
+    return {"samples": samples, "compile_s": round(compile_s, 2),
+            "compile_backend": "eager" if tiny else "inductor",
+            "unique_graphs": c["stats"].get("unique_graphs", 0),
+            "graph_breaks": sum(c["graph_break"].values()),
+            "kernels": _kernels() if name.startswith("layerzero") else None}
+
+
+def run_compiled(label: str, names: list, args) -> dict:
+    """Run each +compile variant of `names` in a child process (see one_compiled); returns name ->
+    {"samples", "compile_s", ..., "logits"} or {"error": ...}."""
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cmds = {}
+        for n in names:
+            cmds[n] = [sys.executable, os.path.abspath(__file__), "--one", n, "--one-shape", label,
+                       "--one-logits", os.path.join(tmp, f"{n}.pt"), "--rounds", str(args.rounds),
+                       "--iters", str(args.iters), "--warmup", str(args.warmup),
+                       "--rewarm", str(args.rewarm)] + (["--tiny"] if args.tiny else [])
+        for n, rc, out, err in run_children(cmds, parallel=args.tiny):
+            try:
+                if rc:
+                    raise RuntimeError(f"exit status {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}")
+                res[n] = child_result(out)
+                res[n]["logits"] = torch.load(os.path.join(tmp, f"{n}.pt"))
+            except Exception as e:
+                res[n] = {"error": _error(e), "stderr_tail": err[-3000:]}
+    return res
+
+
 def _kernels() -> dict:
     return {op: sorted(k) for op, k in lz.metrics()["calls"].items()}
 
@@ -237,6 +357,8 @@ def _run_shape(label: str, shape: dict, args, device: str, dtype, cuda: bool, sa
     # first pass: can it run? its logits, the kernels LayerZero ran, warm-up
     outputs, first_kernels, samples = {}, {}, {}
     for name in args.variants:
+        if name in COMPILED:   # run_compiled, below
+            continue
         try:
             if name == "sdpa+liger":
                 why = prepare_liger()
@@ -295,26 +417,55 @@ def _run_shape(label: str, shape: dict, args, device: str, dtype, cuda: bool, sa
     lz.unpatch(model)
     _restore_modeling(saved)
     res["recheck"] = recheck
+    model = None
+    liger.clear()   # frees the second model (its globals were needed by the recheck only)
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    # the +compile variants: a process each, after this one's models are freed
+    compiled_names = [n for n in args.variants if n in COMPILED]
+    compiled = run_compiled(label, compiled_names, args) if compiled_names else {}
 
     ref = outputs.get("sdpa")
-    print(f"  {label}: {args.rounds} interleaved rounds x {args.iters} forwards per variant")
-    for name in order:
-        if name not in samples:
-            continue
-        flat = [t for ts in samples[name] for t in ts]
-        ms, ms_min = statistics.median(flat), min(flat)
-        entry = {"ms": round(ms, 3), "min_ms": round(ms_min, 3),
-                 "round_ms": [round(statistics.median(ts), 3) for ts in samples[name]]}
+
+    def entry_of(name: str, runs: list, logits, kernels) -> dict:
+        flat = [t for ts in runs for t in ts]
+        entry = {"ms": round(statistics.median(flat), 3), "min_ms": round(min(flat), 3),
+                 "round_ms": [round(statistics.median(ts), 3) for ts in runs]}
         if ref is not None:
-            entry["max_diff_vs_sdpa"] = float((outputs[name] - ref).abs().max())
-        if name in first_kernels:
-            entry["kernels"] = first_kernels[name]
-        res["variants"][name] = entry
-        print(f"  {label:<4} {name:<15} {ms:9.2f} ms (min {ms_min:.2f})"
+            entry["max_diff_vs_sdpa"] = float((logits.to(ref.device, ref.dtype) - ref).abs().max())
+        if kernels is not None:
+            entry["kernels"] = kernels
+        return entry
+
+    def show(name: str, entry: dict, extra: str = "") -> None:
+        print(f"  {label:<4} {name:<17} {entry['ms']:9.2f} ms (min {entry['min_ms']:.2f})"
               + (f"   max|diff| vs sdpa {entry['max_diff_vs_sdpa']:.3g}" if "max_diff_vs_sdpa" in entry else "")
-              + f"   rounds: {' '.join(f'{t:.2f}' for t in entry['round_ms'])}")
+              + f"   rounds: {' '.join(f'{t:.2f}' for t in entry['round_ms'])}" + extra)
+
+    if order:
+        print(f"  {label}: {args.rounds} interleaved rounds x {args.iters} forwards per variant")
+    for name in order:
+        if name in samples:
+            res["variants"][name] = entry_of(name, samples[name], outputs[name], first_kernels.get(name))
+            show(name, res["variants"][name])
+    if compiled:
+        print(f"  {label}: +compile variants, a process each: {args.rounds} rounds x {args.iters} forwards "
+              f"after the compile and warm-up")
+    for name, c in compiled.items():
+        if "error" in c:
+            res["variants"][name] = {"error": c["error"]}
+            print(f"  {label:<4} {name:<17} error: {c['error']}\n{c.get('stderr_tail', '')}")
+            continue
+        entry = entry_of(name, c["samples"], c["logits"], c["kernels"])
+        entry.update({k: c[k] for k in ("compile_s", "compile_backend", "unique_graphs", "graph_breaks")})
+        res["variants"][name] = entry
+        show(name, entry, f"   compile {c['compile_s']} s ({c['compile_backend']}), "
+                          f"{c['unique_graphs']} compiled frames, {c['graph_breaks']} graph breaks")
     res["variants"] = {n: res["variants"][n] for n in args.variants if n in res["variants"]}
-    others = {n: v["ms"] for n, v in res["variants"].items() if "ms" in v and not n.startswith("layerzero")}
+    others = {n: v["ms"] for n, v in res["variants"].items()
+              if "ms" in v and not n.startswith("layerzero") and n not in COMPILED}
     lzv = res["variants"].get("layerzero", {})
     if others and "ms" in lzv:
         best = min(others, key=others.get)
@@ -324,15 +475,23 @@ def _run_shape(label: str, shape: dict, args, device: str, dtype, cuda: bool, sa
         goal = f" (goal <= {shape['goal']})" if shape["goal"] else ""
         print(f"  {label}: t(layerzero) / t({best}) = {res['ratio']:.3f}{goal}; "
               f"kernels: {lzv.get('kernels')}")
+    sc, lc = (res["variants"].get(n, {}) for n in COMPILED)
+    if "ms" in sc and "ms" in lc:
+        res["compile_ratio"] = round(lc["ms"] / sc["ms"], 3)
+        res["compile_goal"] = COMPILE_GOAL
+        print(f"  {label}: t(layerzero+compile) / t(sdpa+compile) = {res['compile_ratio']:.3f} "
+              f"(goal <= {COMPILE_GOAL}); compile {lc['compile_s']} s vs {sc['compile_s']} s; "
+              f"kernels: {lc.get('kernels')}")
     _report_recheck(label, recheck, strict=args.tiny)
     if args.tiny and "layerzero" in first_kernels:   # lz.patch really ran LayerZero's ops
         ops = {"attention", "rms_norm", "rope", "swiglu"}
         assert set(first_kernels["layerzero"]) >= ops, f"layerzero ran {first_kernels['layerzero']}, not all of {ops}"
-    del model, outputs
-    liger.clear()   # frees the second model
-    if cuda:
-        gc.collect()
-        torch.cuda.empty_cache()
+    if args.tiny:   # fp32: compiled (eager backend) forwards give sdpa's logits
+        for name in compiled:
+            v = res["variants"][name]
+            assert "error" not in v, f"{name}: {v['error']}"
+            assert v.get("max_diff_vs_sdpa", 0) < 1e-4, f"{name} differs from sdpa: {v}"
+    del outputs
     return res
 
 
@@ -368,7 +527,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=None, help="first-pass warm-up forwards (default 5; --tiny 1)")
     ap.add_argument("--rewarm", type=int, default=2, help="forwards before each round's timing")
     ap.add_argument("--json", default="benchmarks/e2e_transformers.json", help="where to write results")
+    ap.add_argument("--one", choices=COMPILED, help=argparse.SUPPRESS)            # a +compile child:
+    ap.add_argument("--one-shape", choices=list(SHAPES) + ["tiny"], help=argparse.SUPPRESS)   # its shape,
+    ap.add_argument("--one-logits", help=argparse.SUPPRESS)                       # where its logits go
     args = ap.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(one_compiled(args.one, args.one_shape, args, args.one_logits)), flush=True)
+        return {}
     import transformers
 
     if args.tiny:
