@@ -60,3 +60,25 @@ def test_flex_inside_an_outer_compile_traces_into_the_graph(features):
     with lz.use("torch.flex"):
         out = torch.compile(f, backend="eager", fullgraph=True)(q, k, v)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_plain_causal_mask_is_none_while_compiling():
+    """Under torch.compile, a prefill with no padding mask gets no materialised causal mask (the
+    attention runs with is_causal=True); a padding mask, a window or a cache offset keep one."""
+    from transformers import masking_utils
+
+    import layerzero.integrations.transformers  # noqa: F401  (registers the mask function)
+    fn = masking_utils.AttentionMaskInterface._global_mapping["layerzero"]
+
+    def probe(**kw):
+        @torch.compile(backend="eager", fullgraph=True)
+        def f(x):
+            m = fn(batch_size=2, q_length=8, kv_length=8, device="cpu", **kw)
+            return x if m is None else x + m.float().sum()
+        return float(f(torch.zeros(())))
+
+    assert probe() == 0.0
+    pad = torch.ones(2, 8, dtype=torch.bool)
+    pad[1, :3] = False
+    assert probe(attention_mask=pad) > 0
+    assert probe(local_size=4, mask_function=masking_utils.sliding_window_causal_mask_function(4)) > 0

@@ -82,10 +82,37 @@ def _refusing_inline(check):
 
 
 def register_mask(masking_utils) -> None:
-    """AttentionMaskInterface.register("layerzero", sdpa_mask): the mask is None where `is_causal`
-    (or nothing) expresses it, else a bool (B, 1, Sq, Sk) mask with True = attend. Without this
-    registration under the same name, transformers would drop the padding mask."""
-    masking_utils.AttentionMaskInterface.register(NAME, masking_utils.sdpa_mask)
+    """AttentionMaskInterface.register("layerzero", ...): transformers' sdpa_mask (the mask is None
+    where `is_causal` or nothing expresses it, else a bool (B, 1, Sq, Sk) mask with True =
+    attend), except that a plain causal mask is None under torch.compile too (`causal_mask`).
+    Without this registration under the same name, transformers would drop the padding mask."""
+    masking_utils.AttentionMaskInterface.register(NAME, causal_mask(masking_utils))
+
+
+def causal_mask(masking_utils):
+    """sdpa_mask, but a call that is only causal (no padding mask, Sq == Sk from position 0, no
+    window, the plain causal mask function) returns None also while dynamo traces: the attention
+    then runs with is_causal=True (flash / cuDNN kernels), not with a materialised (B, 1, Sq, Sk)
+    mask. transformers < 5.24 skips the mask only in eager mode (`_ignore_causal_mask_sdpa`
+    returns False whenever it traces), so a compiled prefill built and read a 2048 x 2048 mask
+    per call. A shape-only decision: nothing is read from tensor values."""
+    sdpa_mask = masking_utils.sdpa_mask
+    causal_fn = masking_utils.causal_mask_function
+
+    def layerzero_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
+                       mask_function=causal_fn, attention_mask=None, local_size=None,
+                       allow_is_causal_skip=True, *args, **kwargs):
+        if (allow_is_causal_skip and attention_mask is None and mask_function is causal_fn
+                and local_size is None and not args and isinstance(q_length, int)
+                and q_length == kv_length and q_length > 1
+                and isinstance(q_offset, int) and q_offset == 0 and kv_offset == 0
+                and torch.compiler.is_compiling()):
+            return None
+        return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                         attention_mask, local_size, allow_is_causal_skip, *args, **kwargs)
+
+    layerzero_mask.__wrapped__ = sdpa_mask
+    return layerzero_mask
 
 
 # ---- the attention function --------------------------------------------------------------------
