@@ -8,6 +8,7 @@ LayerZero kernels for every op the family has.
 from __future__ import annotations
 
 import copy
+import types
 import os
 import subprocess
 import sys
@@ -317,6 +318,41 @@ def test_attention_forward_kwargs():
     torch.manual_seed(0)
     out, _ = hf.attention_forward(m, q, k, v, None, dropout=0.5, scaling=0.25)
     assert not torch.allclose(out, _eager(q, k, v, causal))
+
+
+def test_sparse_top_k_indices_and_per_token_sinks_are_applied():
+    """DeepSeek-V3.2-style `indices` (top-k keys per query) mask the other keys; inkling2-style
+    per-query `sinks` (B, H, Sq, 1) absorb probability mass as in transformers' eager code."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 4, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None]
+    pad = causal.expand(2, 1, 6, 6).clone()
+    pad[1, ..., :2] = False
+    pad[1, :, :2, 0] = True            # keep every query row attending somewhere
+    m = _Mod(groups=2)
+    idx = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(12)]).view(2, 6, 3).to(torch.int32)
+    keep = torch.zeros(2, 6, 6, dtype=torch.bool).scatter(-1, idx.long(), True)[:, None]
+    keep[..., 0] = True                # row 0 of the causal mask sees key 0 only
+    idx = torch.cat([idx, torch.zeros(2, 6, 1, dtype=torch.int32)], -1)
+    for mask in (None, pad):
+        out, _ = hf.attention_forward(m, q, k, v, mask, scaling=0.25, indices=idx)
+        want = (causal if mask is None else mask) & keep
+        torch.testing.assert_close(out, _eager(q, k, v, want), atol=1e-5, rtol=1e-5)
+    sinks = torch.randn(2, 4, 6, 1, generator=g)
+
+    def eager_token_sinks(mask):
+        kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        s = (q @ kk.transpose(2, 3) * 0.25).masked_fill(~mask, float("-inf"))
+        p = torch.cat([s, sinks], -1).softmax(-1)[..., :-1]
+        return (p @ vv).transpose(1, 2)
+
+    for mask in (None, pad):
+        out, _ = hf.attention_forward(m, q, k, v, mask, scaling=0.25, sinks=sinks)
+        torch.testing.assert_close(out, eager_token_sinks(causal if mask is None else mask), atol=1e-5, rtol=1e-5)
+    m.config = types.SimpleNamespace(output_attentions=True)
+    out, w = hf.attention_forward(m, q, k, v, None, scaling=0.25, sinks=sinks, output_attentions=True)
+    assert w.shape == (2, 4, 6, 6)
+    torch.testing.assert_close(out, eager_token_sinks(causal), atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_kwargs_are_reported():

@@ -76,6 +76,7 @@ def _refusing_inline(check):
             why = inline_attention(type(self))
             if why is not None:
                 raise ValueError(why)
+            mark_additive(self)
         return check(self, requested_attention, *args, **kwargs)
     get_correct_attn_implementation.lz_checks = True
     return get_correct_attn_implementation
@@ -89,19 +90,47 @@ def register_mask(masking_utils) -> None:
     masking_utils.AttentionMaskInterface.register(NAME, causal_mask(masking_utils))
 
 
+# ids of the configs of models whose own code expects transformers' eager masks (additive float):
+# classes without SDPA support (`_supports_sdpa = False`; deepseek_v4 appends a float block bias
+# to the mask it gets, a bool mask there turned -inf into True). id -> weakref to the config.
+_additive: dict = {}
+
+
+def mark_additive(model) -> None:
+    """Note the configs of `model` and its sub-models whose class lacks SDPA support: the mask
+    function gives them eager's additive masks (`causal_mask`), which LayerZero's attention takes."""
+    import weakref
+
+    mu = sys.modules["transformers.modeling_utils"]
+    for m in model.modules():
+        if isinstance(m, mu.PreTrainedModel) and not getattr(type(m), "_supports_sdpa", True):
+            for c in (m.config, *(getattr(m.config, k, None) for k in getattr(m.config, "sub_configs", {}) or {})):
+                if c is not None:
+                    _additive[id(c)] = weakref.ref(c, lambda _r, k=id(c): _additive.pop(k, None))
+
+
+def _wants_additive(config) -> bool:
+    ref = _additive.get(id(config)) if config is not None else None
+    return ref is not None and ref() is config
+
+
 def causal_mask(masking_utils):
-    """sdpa_mask, but a call that is only causal (no padding mask, Sq == Sk from position 0, no
+    """sdpa_mask (eager_mask for the models `mark_additive` noted), but a call that is only causal (no padding mask, Sq == Sk from position 0, no
     window, the plain causal mask function) returns None also while dynamo traces: the attention
     then runs with is_causal=True (flash / cuDNN kernels), not with a materialised (B, 1, Sq, Sk)
     mask. transformers < 5.24 skips the mask only in eager mode (`_ignore_causal_mask_sdpa`
     returns False whenever it traces), so a compiled prefill built and read a 2048 x 2048 mask
     per call. A shape-only decision: nothing is read from tensor values."""
-    sdpa_mask = masking_utils.sdpa_mask
+    sdpa_mask, eager_mask = masking_utils.sdpa_mask, masking_utils.eager_mask
     causal_fn = masking_utils.causal_mask_function
 
     def layerzero_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
                        mask_function=causal_fn, attention_mask=None, local_size=None,
                        allow_is_causal_skip=True, *args, **kwargs):
+        if not args and _wants_additive(kwargs.get("config")):   # see mark_additive
+            return eager_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                              q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                              attention_mask=attention_mask, local_size=local_size, **kwargs)
         if (allow_is_causal_skip and attention_mask is None and mask_function is causal_fn
                 and local_size is None and not args and isinstance(q_length, int)
                 and q_length == kv_length and q_length > 1
@@ -151,6 +180,38 @@ def _and_bool(mask, keep: torch.Tensor):
     return torch.where(keep, mask, torch.full((), float("-inf"), dtype=mask.dtype, device=mask.device))
 
 
+def _top_k_keys(indices: torch.Tensor, sk: int) -> torch.Tensor:
+    """Bool (B, 1, Sq, Sk): True at the key positions `indices` (B, Sq, k) lists for each query
+    (sparse attention's top-k selection, DeepSeek-V3.2 style); negative entries list nothing."""
+    idx = indices.long()
+    valid = (idx >= 0).to(torch.int32)
+    hits = torch.zeros(*idx.shape[:-1], sk, dtype=torch.int32, device=idx.device)
+    return (hits.scatter_add_(-1, idx.clamp(min=0), valid) > 0).unsqueeze(1)
+
+
+def _with_token_sinks(query, key, value, mask, causal, align, window, sinks):
+    """Per-query sinks (B or 1, H, Sq, 1): one more key, with value 0 and a score of 0 to which
+    the mask adds the sink: softmax then gives it exp(sink) of the mass and it adds nothing to
+    the output, as transformers' eager attention does with `cat([scores, sinks])`. Causality and
+    the window move into the (float, per head) mask, which covers the extra key."""
+    b, h, sq, _ = query.shape
+    sk = key.shape[2]
+    dt = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    neg = torch.full((), float("-inf"), dtype=dt, device=query.device)
+    allowed = reference.attention_allowed(sq, sk, is_causal=causal, window=window, causal_align=align,
+                                          device=query.device)
+    add = torch.zeros((), dtype=dt, device=query.device)
+    if allowed is not None:
+        add = torch.where(allowed, add, neg)
+    if mask is not None:
+        add = torch.where(mask, add, neg) if mask.dtype == torch.bool else add + mask.to(dt)
+    add = add.expand(b, h, sq, sk)
+    add = torch.cat([add, sinks.to(dt).expand(b, h, sq, 1)], dim=-1)
+    key = torch.nn.functional.pad(key, (0, 0, 0, 1))
+    value = torch.nn.functional.pad(value, (0, 0, 0, 1))
+    return key, value, add
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention call -> `lz.attention`. Returns (out (B, Sq, Hq, Dv), weights | None).
 
@@ -174,6 +235,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     output_attentions = kwargs.pop("output_attentions", None)
     cu_q, cu_k = kwargs.pop("cu_seq_lens_q", None), kwargs.pop("cu_seq_lens_k", None)
     seq_idx = kwargs.pop("seq_idx", None)
+    indices = kwargs.pop("indices", None)
+    token_sinks = kwargs.pop("sinks", None)
     if kwargs:
         _unknown(kwargs)
     if sinks is None and isinstance(getattr(module, "sinks", None), torch.Tensor):
@@ -204,6 +267,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         mask = _and_bool(mask, (seg_q[:, None] == seg_k[None, :])[None, None])
     elif seq_idx is not None and sq == sk:
         mask = _and_bool(mask, (seq_idx[:, None, :, None] == seq_idx[:, None, None, :]))
+    if indices is not None:
+        mask = _and_bool(mask, _top_k_keys(indices, sk))
     if position_bias is not None:  # additive (B or 1, H, Sq, Sk)
         if mask is None:
             mask = position_bias
@@ -213,10 +278,17 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         else:
             mask = position_bias + mask
 
+    if token_sinks is not None and token_sinks.dim() == 1 and sinks is None:
+        sinks, token_sinks = token_sinks, None      # one sink per head: lz.attention's own
+    if token_sinks is not None:
+        key, value, mask = _with_token_sinks(query, key, value, mask, causal, align, window, token_sinks)
+        causal, window, align = False, None, "top_left"
     if output_attentions:  # no fused kernel returns the probabilities: the reference computes both
         out, weights = reference.attention(query, key, value, mask, causal, scaling, dropout, window,
                                            softcap, None, sinks, "bhsd", align, return_weights=True)
         telemetry.count_call(("attention", "reference.attention", False))
+        if token_sinks is not None:
+            weights = weights[..., :-1]     # the sink key's share is not a key's weight
         return out.transpose(1, 2).contiguous(), weights
     out = ops.attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling,
                         dropout_p=dropout, window=window, softcap=softcap, sinks=sinks,
@@ -309,6 +381,7 @@ def _patch_attention(model, report, undo) -> None:
             ids.add(id(c))
             configs.append(c)
     saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in configs]
+    mark_additive(model)
     model.set_attn_implementation(NAME)
     for _, m in mods:
         c = getattr(m, "config", None)
