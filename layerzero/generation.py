@@ -239,8 +239,9 @@ def _static_cache(model, max_len: int):
 class _Loop:
     """The buffers, cache and (on CUDA) the captured step of one (batch, length bucket, plan)."""
 
-    def __init__(self, model, batch: int, max_len: int, max_new: int, plan: _Plan, device):
-        self.model, self.plan, self.batch, self.max_len, self.max_new = model, plan, batch, max_len, max_new
+    def __init__(self, model, batch: int, max_len: int, plan: _Plan, device):
+        self.model, self.plan, self.batch, self.max_len = model, plan, batch, max_len
+        self.max_new = self.rows = 0            # this call's, set by prefill
         self.cache_kw, self.takes_pos, self.takes_cp, self.takes_keep = _forward_kwargs(model)
         self.cache = _static_cache(model, max_len)
         z = dict(device=device, dtype=torch.long)
@@ -328,8 +329,12 @@ class _Loop:
         return [self.tok, self.pos, self.cp, self.step_i, self.cur, self.done_at, self.unfinished,
                 self.seq] + lengths
 
-    def prefill(self, input_ids, attention_mask, output_scores: bool, output_logits: bool) -> None:
+    def prefill(self, input_ids, attention_mask, max_new: int, rows: int, output_scores: bool,
+                output_logits: bool) -> None:
+        """Reset the loop's state, run the prompt through the model (eagerly) and append the
+        first new token. Rows past `rows` only fill the batch bucket: finished from the start."""
         b, n = input_ids.shape
+        self.max_new, self.rows = max_new, rows
         for layer in self.cache.layers:
             layer.reset()
         self.prompt_len = n
@@ -342,6 +347,8 @@ class _Loop:
         self.cur.fill_(n)
         self.done_at.fill_(-1)
         self.unfinished.fill_(True)
+        if self.plan.has_eos_criteria:
+            self.unfinished[rows:] = False
         pos = self.mask[:, :n].cumsum(-1) - 1
         pos.masked_fill_(self.mask[:, :n] == 0, 1)
         logits = self._forward(input_ids, self.mask, pos, torch.arange(n, device=input_ids.device))
@@ -431,8 +438,22 @@ class _Loop:
     def _stream(self, streamer, sent: int, done: int) -> int:
         keep = self._kept(done)
         for j in range(sent, keep):
-            streamer.put(self.seq[:, self.prompt_len + j].cpu())
+            streamer.put(self.seq[: self.rows, self.prompt_len + j].cpu())
         return keep
+
+
+def batch_bucket(rows: int) -> int:
+    """The batch size a loop (and its CUDA graph) is built for: 1, 2, 4, 8, 16, 32, 64, then
+    multiples of 64."""
+    if rows <= 64:
+        return 1 << (rows - 1).bit_length()
+    return -(-rows // 64) * 64
+
+
+def _buckets(device, plan: _Plan) -> bool:
+    """Round the batch up to `batch_bucket`? Only where the step becomes a CUDA graph (one graph
+    serves every batch size of its bucket); eager steps run the batch as it is."""
+    return device.type == "cuda" and not plan.stepwise
 
 
 def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed, lz_patch, model_kwargs):
@@ -448,7 +469,7 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
             log.info("lz.generate patched %s with lz.patch (lz.unpatch(model) undoes it)",
                      type(model).__name__)
     device = input_ids.device
-    b, n = input_ids.shape
+    rows, n = input_ids.shape
     plan = _Plan(cfg, processors, criteria, n, device)
     if plan.stepwise and ("stepwise", id(model)) not in _logged:
         _logged.add(("stepwise", id(model)))
@@ -462,11 +483,17 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
     max_len = -(-need // LENGTH_BUCKET) * LENGTH_BUCKET
     max_len = max(need, min(max_len, limit))
     pad = cfg._pad_token_tensor
+    mask = model_kwargs.get("attention_mask")
+    b = batch_bucket(rows) if _buckets(device, plan) else rows
+    if b > rows:  # rows repeating the first one fill the bucket; they are cut off at the end
+        fill = (0,) * (b - rows)
+        input_ids = torch.cat([input_ids, input_ids[fill, :]])
+        mask = None if mask is None else torch.cat([mask, mask[fill, :]])
     loops = _LOOPS.setdefault(model, {})
-    key = (b, max_len, max_new, device, plan.key())
+    key = (b, max_len, device, plan.key())
     loop = loops.pop(key, None)
     if loop is None:
-        loop = _Loop(model, b, max_len, max_new, plan, device)
+        loop = _Loop(model, b, max_len, plan, device)
         while len(loops) >= KEEP:
             loops.pop(next(iter(loops)))
     else:  # same key, same step; the eager processors and criteria are this call's objects
@@ -477,11 +504,10 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
     want_scores = bool(cfg.return_dict_in_generate and cfg.output_scores)
     want_logits = bool(cfg.return_dict_in_generate and cfg.output_logits)
     if streamer is not None and not prompt_streamed:
-        streamer.put(input_ids.cpu())
-    mask = model_kwargs.get("attention_mask")
+        streamer.put(input_ids[:rows].cpu())
     decode_ctx = getattr(model, "_optimize_model_for_decode", None)
     with torch.no_grad():
-        loop.prefill(input_ids, mask, want_scores, want_logits)
+        loop.prefill(input_ids, mask, max_new, rows, want_scores, want_logits)
         if decode_ctx is not None:
             with decode_ctx():
                 kept = loop.decode(streamer)
@@ -489,14 +515,14 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
             kept = loop.decode(streamer)
     if streamer is not None:
         streamer.end()
-    sequences = loop.seq[:, : n + kept].clone()
+    sequences = loop.seq[:rows, : n + kept].clone()
     if not cfg.return_dict_in_generate:
         return sequences
     from transformers.generation.utils import GenerateDecoderOnlyOutput
 
     out: dict[str, Any] = {"sequences": sequences}
     if want_scores:
-        out["scores"] = tuple(loop.scores[i].clone() for i in range(kept))
+        out["scores"] = tuple(loop.scores[i, :rows].clone() for i in range(kept))
     if want_logits:
-        out["logits"] = tuple(loop.logits[i].clone() for i in range(kept))
+        out["logits"] = tuple(loop.logits[i, :rows].clone() for i in range(kept))
     return GenerateDecoderOnlyOutput(**out)

@@ -202,3 +202,21 @@ def test_encoder_decoder_and_embeddings_raise():
         lz.generate(model, inputs_embeds=emb, attention_mask=mask, max_new_tokens=3)
     with pytest.raises(TypeError, match="model"):
         lz.generate("not a model", ids)
+
+
+def test_batch_buckets_fill_rows_that_never_show(monkeypatch):
+    """A batch of 3 runs in a loop built for 4 (as CUDA graphs do; forced here on the CPU): the
+    fourth row repeats the first, is finished from the start, and is cut from every output."""
+    monkeypatch.setattr(lzgen, "_buckets", lambda device, plan: True)
+    assert [lzgen.batch_bucket(n) for n in (1, 2, 3, 5, 64, 65, 130)] == [1, 2, 4, 8, 64, 128, 192]
+    ref, model = _pair("qwen3")
+    ids, mask = _batch()
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+               output_scores=True)
+    eos = _eos_that_stops(ref, ids, mask, {k: v for k, v in gen.items() if k in ("max_new_tokens", "do_sample", "pad_token_id")})
+    want = ref.generate(ids, attention_mask=mask, eos_token_id=eos, **gen)
+    got = lz.generate(model, ids, attention_mask=mask, eos_token_id=eos, **gen)
+    assert torch.equal(got.sequences, want.sequences)
+    assert [s.shape for s in got.scores] == [s.shape for s in want.scores]
+    (key,) = lzgen._LOOPS[model]
+    assert key[0] == 4
