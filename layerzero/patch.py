@@ -29,6 +29,7 @@ from __future__ import annotations
 import dis
 import importlib.abc
 import importlib.util
+import inspect
 import logging
 import math
 import re
@@ -404,18 +405,20 @@ def _norm_forward(op: str, eps_attr: str, offset: float, fns=None):
     rms, ln = fns or (ops.rms_norm, ops.layer_norm)
 
     def make(original):
+        # A call with more than the hidden states (a gated norm's `gate`, mamba2 / bamba / zamba2)
+        # is not a plain norm: the module's own forward runs it.
         if op == "rms_norm":
-            def forward(self, x):
+            def forward(self, x, *more, **kw):
                 w = self.weight
-                if w is not None and w.dtype != x.dtype:  # mixed dtypes: keep the module's promotion
-                    return original(x)
+                if more or kw or (w is not None and w.dtype != x.dtype):  # mixed dtypes: keep
+                    return original(x, *more, **kw)                      # the module's promotion
                 observe(self, x.shape)
                 return rms(x, w, getattr(self, eps_attr), offset=offset)
         else:
-            def forward(self, x):
+            def forward(self, x, *more, **kw):
                 w, b = self.weight, getattr(self, "bias", None)
-                if (w is not None and w.dtype != x.dtype) or (b is not None and b.dtype != x.dtype):
-                    return original(x)
+                if more or kw or (w is not None and w.dtype != x.dtype) or (b is not None and b.dtype != x.dtype):
+                    return original(x, *more, **kw)
                 observe(self, x.shape)
                 return ln(x, w, b, getattr(self, eps_attr))
         forward.__name__ = f"lz_{op}_forward"
@@ -440,6 +443,16 @@ def probe(module: nn.Module, make: Callable, x) -> tuple:
         for fn in reversed(tmp):
             fn()
     return got, want
+
+
+def _more_params(forward) -> list[str]:
+    """The parameters of a norm's forward beyond self and the hidden states (a gated norm's
+    `gate`)."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())[2:]
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params]
 
 
 def _patch_norm(name: str, m: nn.Module, report: Report, undo: list) -> None:
@@ -477,7 +490,9 @@ def _patch_norm(name: str, m: nn.Module, report: Report, undo: list) -> None:
             watch(m, undo)
             eps = getattr(m, eps_attr)
             what = f"{op}(offset={offset:g})" if op == "rms_norm" else op
-            report.add(name, "norm", "patched", op, f"{type(m).__name__} -> {what}, eps={eps:g}",
+            more = _more_params(type(m).forward)
+            also = f"; calls passing {', '.join(more)} run its own forward" if more else ""
+            report.add(name, "norm", "patched", op, f"{type(m).__name__} -> {what}, eps={eps:g}{also}",
                        {"op": op, "head_dim": hidden})
             return
         errs.append(f"{op}{'(+1)' if offset else ''} err {err:.2g}")

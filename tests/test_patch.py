@@ -247,3 +247,35 @@ def test_unpatch_and_explain_reasons_small_things():
     assert clipped.endswith(" ...") and reason.startswith(clipped[:-4]) and len(clipped) <= 74
     assert reason[len(clipped) - 4] == " "    # cut between words, never inside one
     assert P._clip("short reason") == "short reason"
+
+
+def test_a_gated_norm_called_with_its_gate_runs_its_own_forward():
+    """mamba2 / bamba / zamba2: `norm(x, gate)` is not a plain RMSNorm; the patched forward hands
+    calls with more than the hidden states to the module's own forward (and the report says so)."""
+    class GatedRMSNorm(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(n))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, hidden_states, gate=None):
+            x = hidden_states.float()
+            if gate is not None:
+                x = x * nn.functional.silu(gate.float())
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = GatedRMSNorm(16)
+
+        def forward(self, x, g):
+            return self.norm(x, g) + self.norm(x) + self.norm(x, gate=g)
+
+    m, x, g = M(), torch.randn(2, 16), torch.randn(2, 16)
+    want = m(x, g)
+    report = lz.patch(m)
+    (item,) = [i for i in report.items if i.kind == "norm"]
+    assert item.status == "patched" and "calls passing gate run its own forward" in item.detail
+    torch.testing.assert_close(m(x, g), want, atol=1e-6, rtol=1e-6)
+    lz.unpatch(m)

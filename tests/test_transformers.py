@@ -644,3 +644,36 @@ def test_explain_model_lists_only_the_shapes_each_module_saw():
     assert "Sq=5 Sk=7" in cross and "Sq=7" not in cross and "Sk=5" not in cross, cross
     lz.unpatch(model)
     assert not any("_lz_seen" in vars(m) for m in model.modules())
+
+
+def test_rope_called_with_keywords_or_without_k_runs_transformers_function():
+    """qwen4_exp rotates q alone: `apply_rotary_pos_emb(q, cos=, sin=, unsqueeze_dim=2)`."""
+    def original(q, k=None, cos=None, sin=None, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        rot = lambda x: torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), -1)  # noqa: E731
+        q2 = q * cos + rot(q) * sin
+        return q2 if k is None else (q2, k * cos + rot(k) * sin)
+
+    fn = hf._rope_fn(original, hf._rope_probe(original))
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 4, 3, 16, generator=g), torch.randn(2, 2, 3, 16, generator=g)
+    ang = torch.randn(2, 3, 8, generator=g)
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+    torch.testing.assert_close(fn(q, cos=cos, sin=sin), original(q, cos=cos, sin=sin))
+    qs = q.transpose(1, 2)
+    torch.testing.assert_close(fn(qs, cos=cos, sin=sin, unsqueeze_dim=2), original(qs, cos=cos, sin=sin, unsqueeze_dim=2))
+    for a, b in zip(fn(q, k, cos, sin), original(q, k, cos, sin)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_config_attributes_that_raise_are_read_as_missing():
+    """gemma4's configs raise their own (non-AttributeError) error for per-layer head_dim."""
+    class PerLayer:
+        num_attention_heads, hidden_size = 4, 64
+
+        @property
+        def head_dim(self):
+            raise RuntimeError("head_dim is a per-layer attribute")
+
+    assert hf._attr(PerLayer(), "head_dim") is None
+    assert hf._first(PerLayer(), ("head_dim", "num_attention_heads")) == 4

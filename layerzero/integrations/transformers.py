@@ -311,9 +311,18 @@ def _calls_interface(cls) -> bool:
     return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
 
 
+def _attr(obj, name):
+    """obj.name, or None when it is missing or reading it raises (gemma4's configs raise their
+    own error for attributes that differ per layer, such as head_dim)."""
+    try:
+        return getattr(obj, name, None)
+    except Exception:  # noqa: BLE001 - any config property may refuse
+        return None
+
+
 def _first(obj, names):
     for n in names:
-        v = getattr(obj, n, None)
+        v = _attr(obj, n)
         if isinstance(v, int) and not isinstance(v, bool):
             return v
     return None
@@ -438,12 +447,16 @@ def _rope_probe(fn):
 def _rope_fn(original, info):
     ud_pos, interleaved, partial = info["unsqueeze"], info["interleaved"], info["partial"]
 
-    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        ud = kwargs.get("unsqueeze_dim", args[ud_pos] if ud_pos is not None and len(args) > ud_pos else 1)
-        if (ud not in (1, 2) or cos.dim() != 3 or q.dtype != k.dtype or q.dim() != 4
-                or (cos.shape[-1] != q.shape[-1] and not partial)
-                or any(n not in ("unsqueeze_dim", "position_ids") for n in kwargs)):
-            return original(q, k, cos, sin, *args, **kwargs)
+    def apply_rotary_pos_emb(*args, **kwargs):
+        # (q, k, cos, sin) given positionally, both q and k: lz.rope; any other call (qwen4_exp
+        # rotates q alone, `apply_rotary_pos_emb(q, cos=, sin=)`) runs transformers' function
+        if len(args) < 4 or any(n not in ("unsqueeze_dim", "position_ids") for n in kwargs):
+            return original(*args, **kwargs)
+        q, k, cos, sin, *rest = args
+        ud = kwargs.get("unsqueeze_dim", rest[ud_pos] if ud_pos is not None and len(rest) > ud_pos else 1)
+        if (k is None or ud not in (1, 2) or cos.dim() != 3 or q.dtype != k.dtype or q.dim() != 4
+                or (cos.shape[-1] != q.shape[-1] and not partial)):
+            return original(*args, **kwargs)
         return ops.rope(q, k, cos, sin, layout="bhsd" if ud == 1 else "bshd", interleaved=interleaved)
 
     apply_rotary_pos_emb.__wrapped_original__ = original
@@ -485,8 +498,9 @@ def _patch_rope(model, report, undo) -> None:
             users.setdefault(rope, []).append((name, m))
     cfg = getattr(model, "config", None)
     cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    d = getattr(cfg, "head_dim", None) or (
-        cfg.hidden_size // cfg.num_attention_heads if getattr(cfg, "num_attention_heads", None) else None)
+    heads, hidden = _attr(cfg, "num_attention_heads"), _attr(cfg, "hidden_size")
+    d = _attr(cfg, "head_dim") or (hidden // heads if isinstance(heads, int) and isinstance(hidden, int)
+                                   and heads else None)
     match = {"op": "rope", "head_dim": d} if isinstance(d, int) else {"op": "rope"}
     for original, mods in sorted(users.items(), key=lambda kv: kv[0].__module__ or ""):
         item = f"{original.__module__}.{_ROPE}"
