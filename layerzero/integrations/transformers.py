@@ -55,18 +55,26 @@ def inline_attention(cls) -> str | None:
     (falcon, gpt_neo, ...: transformers would raise KeyError 'layerzero' or silently compute
     attention its own way)."""
     mod = sys.modules.get(cls.__module__)
-    if mod is None or getattr(cls, "_supports_attention_backend", False):
+    if mod is None:
         return None
-    own = [v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, torch.nn.Module)
-           and v.__module__ == mod.__name__]
-    attention = sorted(v.__name__ for v in own if "Attention" in v.__name__)
-    if not attention or any(_calls_interface(v) for v in own):
-        return None
-    return (f'attn_implementation="{NAME}": {cls.__name__} computes attention inline ({", ".join(attention)} '
-            f"in {mod.__name__} do not call transformers' AttentionInterface), so no registered attention "
-            f"function would run. Build it with its own attention (leave attn_implementation unset, or "
-            f'"eager" / "sdpa") and call lz.patch(model): norms, gated MLPs and RoPE then run through '
-            f"LayerZero, attention stays transformers' own (lz.auto_patch() does the same)")
+    if not getattr(cls, "_supports_attention_backend", False):
+        own = [v for v in vars(mod).values() if isinstance(v, type) and issubclass(v, torch.nn.Module)
+               and v.__module__ == mod.__name__]
+        attention = sorted(v.__name__ for v in own if "Attention" in v.__name__)
+        if attention and not any(_calls_interface(v) for v in own):
+            return (f'attn_implementation="{NAME}": {cls.__name__} computes attention inline '
+                    f'({", ".join(attention)} in {mod.__name__} do not call transformers\' '
+                    f"AttentionInterface), so no registered attention function would run. Build it "
+                    f'with its own attention (leave attn_implementation unset, or "eager" / "sdpa") '
+                    f"and call lz.patch(model): norms, gated MLPs and RoPE then run through "
+                    f"LayerZero, attention stays transformers' own (lz.auto_patch() does the same)")
+    by_name = sorted(k for k, v in vars(mod).items() if k.endswith("ATTENTION_CLASSES")
+                     and isinstance(v, dict) and NAME not in v)
+    if by_name:  # git: attention classes picked from a dict by attn_implementation -> KeyError
+        return (f'attn_implementation="{NAME}": {cls.__name__} picks attention classes by name from '
+                f"{', '.join(by_name)} in {mod.__name__}, which has no {NAME!r} entry. Build it with "
+                f"its own attention and call lz.patch(model) instead")
+    return None
 
 
 def _refusing_inline(check):
@@ -376,6 +384,10 @@ def _patch_attention(model, report, undo) -> None:
     mods = _attention_modules(model)
     cls = type(model)
     can = getattr(cls, "_can_set_attn_implementation", lambda: True)()
+    refused = inline_attention(cls) if mods and can else None
+    if refused is not None:   # some attention of the family can't take the name (git's text decoder)
+        report.add(cls.__name__, "attention", "skipped", detail=refused.split(". ")[0] + "; left as is")
+        return
     if not mods or not can:
         names = [n for n, m in model.named_modules() if type(m).__name__.endswith("Attention")]
         for n in names or [cls.__name__]:
