@@ -380,21 +380,50 @@ def _configs(model) -> list:
     return out
 
 
+def _can_switch(m) -> bool:
+    return getattr(type(m), "_can_set_attn_implementation", lambda: True)()
+
+
+def _switchable_parts(model) -> list:
+    """Sub-models of a composite model that can't switch as a whole (got_ocr2, granite_speech:
+    an inline vision/audio tower) which can: the first PreTrainedModels below it that can switch
+    and whose attention goes through AttentionInterface."""
+    mu = sys.modules["transformers.modeling_utils"]
+    out, todo = [], list(model.children())
+    while todo:
+        m = todo.pop(0)
+        if isinstance(m, mu.PreTrainedModel) and _can_switch(m) and inline_attention(type(m)) is None:
+            if any(_calls_interface(type(x)) for x in m.modules()):
+                out.append(m)
+            continue
+        todo += list(m.children())
+    return out
+
+
 def _patch_attention(model, report, undo) -> None:
     mods = _attention_modules(model)
     cls = type(model)
-    can = getattr(cls, "_can_set_attn_implementation", lambda: True)()
+    can = _can_switch(model)
     refused = inline_attention(cls) if mods and can else None
     if refused is not None:   # some attention of the family can't take the name (git's text decoder)
         report.add(cls.__name__, "attention", "skipped", detail=refused.split(". ")[0] + "; left as is")
         return
-    if not mods or not can:
-        names = [n for n, m in model.named_modules() if type(m).__name__.endswith("Attention")]
-        for n in names or [cls.__name__]:
-            report.add(n, "attention", "skipped", detail=f"{cls.__name__} computes attention inline, not "
-                       f"through transformers' AttentionInterface; left as is")
-        return
-    configs = _configs(model)
+    parts = [model] if mods and can else (_switchable_parts(model) if mods else [])
+    inside = {id(x) for part in parts for x in part.modules()}
+    names = [n for n, m in model.named_modules() if type(m).__name__.endswith("Attention") and id(m) not in inside]
+    if not parts:
+        names = names or [cls.__name__]
+    for n in names:
+        report.add(n, "attention", "skipped", detail=f"{cls.__name__} computes this attention inline, not "
+                   f"through transformers' AttentionInterface; left as is")
+    for part in parts:
+        _switch(model, part, [(n, m) for n, m in mods if id(m) in {id(x) for x in part.modules()}],
+                report, undo)
+
+
+def _switch(model, part, mods, report, undo) -> None:
+    """attn_implementation -> "layerzero" on `part` (the model or one of its sub-models)."""
+    configs = _configs(part)
     ids = {id(c) for c in configs}
     for _, m in mods:  # attention modules may hold their own config copy (T5 stacks on 5.17)
         c = getattr(m, "config", None)
@@ -402,8 +431,8 @@ def _patch_attention(model, report, undo) -> None:
             ids.add(id(c))
             configs.append(c)
     saved = [(c, c.__dict__.get("_attn_implementation_internal")) for c in configs]
-    mark_additive(model)
-    model.set_attn_implementation(NAME)
+    mark_additive(part)
+    part.set_attn_implementation(NAME)
     for _, m in mods:
         c = getattr(m, "config", None)
         if c is not None and getattr(c, "_attn_implementation", None) != NAME:
