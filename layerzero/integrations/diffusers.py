@@ -74,6 +74,9 @@ def _noting(call):
     return __call__
 
 
+_logged_block_masks: set = set()
+
+
 def _mask_bshd(attn_mask, query, key):
     """diffusers' native backend convention: a 2-D (B, Sk) mask means (B, 1, 1, Sk)."""
     if (attn_mask is not None and attn_mask.dim() == 2 and attn_mask.shape[0] == query.shape[0]
@@ -111,7 +114,20 @@ def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_c
                           enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
     """Stands in for diffusers' `dispatch_attention_fn` inside patched processors (same signature,
     q/k/v (B, S, H, D)): every argument reaches `attention_backend_fn`, which raises on what it
-    cannot apply. `backend` (the processor's own choice) is replaced by LayerZero's selection."""
+    cannot apply. `backend` (the processor's own choice) is replaced by LayerZero's selection,
+    except for a flex `BlockMask` (AnyFlow, Kandinsky 6 SR, LTX-2's VAE), which only flex takes:
+    such a call goes to diffusers' own dispatcher with the processor's backend (logged once,
+    counted in lz.metrics() as kernel "diffusers.<backend>")."""
+    if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+        if type(attn_mask).__name__ not in _logged_block_masks:
+            _logged_block_masks.add(type(attn_mask).__name__)
+            log.info("layerzero: an attention call with a %s mask runs diffusers' %s backend",
+                     type(attn_mask).__name__, backend)
+        own = sys.modules["diffusers.models.attention_dispatch"].dispatch_attention_fn
+        # counted as what it is: a call LayerZero handed to diffusers' own backend
+        telemetry.count_call(("attention", f"diffusers.{getattr(backend, 'value', backend) or 'default'}", False))
+        return own(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                   attention_kwargs, backend=backend, parallel_config=parallel_config)
     return attention_backend_fn(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                 _parallel_config=parallel_config, **(attention_kwargs or {}))
 
