@@ -677,3 +677,52 @@ def test_config_attributes_that_raise_are_read_as_missing():
 
     assert hf._attr(PerLayer(), "head_dim") is None
     assert hf._first(PerLayer(), ("head_dim", "num_attention_heads")) == 4
+
+
+def test_inline_bert_style_self_attention_is_swapped_after_a_probe():
+    """megatron-bert computes attention inline: lz.patch recognises its BERT-style self-attention,
+    checks the replacement on a probe, and runs plain calls through lz.attention; a look-alike
+    whose math differs stays as it is."""
+    cfg = T.MegatronBertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=128, vocab_size=128)
+    torch.manual_seed(0)
+    model = T.MegatronBertModel(cfg).eval()
+    kw = _inputs("llama")
+    with torch.no_grad():
+        want = model(**kw).last_hidden_state
+    lz.reset_metrics()
+    report = lz.patch(model)
+    patched = [i for i in report.items if i.kind == "attention" and i.status == "patched"]
+    assert len(patched) == 2 and all("inline BERT-style" in i.detail for i in patched)
+    with torch.no_grad():
+        got = model(**kw).last_hidden_state
+    v = kw["attention_mask"].bool()
+    torch.testing.assert_close(got[v], want[v], atol=1e-5, rtol=1e-5)
+    assert _attention_kernels()
+    lz.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(**kw).last_hidden_state, want)
+
+    from layerzero.integrations import transformers_inline
+
+    class Squared(torch.nn.Module):   # BERT's structure, other math (squared scores)
+        def __init__(self):
+            super().__init__()
+            self.num_attention_heads, self.attention_head_size = 4, 16
+            self.query, self.key, self.value = (torch.nn.Linear(64, 64) for _ in range(3))
+            self.dropout = torch.nn.Dropout(0.0)
+
+        def forward(self, hidden_states, attention_mask=None):
+            b, s, _ = hidden_states.shape
+            q, k, vv = (getattr(self, n)(hidden_states).view(b, s, 4, 16).transpose(1, 2)
+                        for n in ("query", "key", "value"))
+            p = ((q @ k.transpose(-1, -2)) ** 2 / 64 + attention_mask).softmax(-1)
+            return (p @ vv).transpose(1, 2).reshape(b, s, 64), p
+
+    from layerzero.patch import Report
+
+    m, report, undo = Squared(), Report("Squared"), []
+    assert transformers_inline.recognised(m)
+    assert transformers_inline.patch_inline(m, report, undo) == set() and not undo
+    (item,) = report.items
+    assert item.status == "skipped" and "differs on a probe" in item.detail

@@ -1,0 +1,107 @@
+"""BERT-style self-attention written inline (not through transformers' AttentionInterface) ->
+`lz.attention`, for the families that keep their own copy of it (megatron-bert, rembert, tapas,
+canine, big_bird's full attention, ...).
+
+Recognised by structure: `query` / `key` / `value` Linear projections of the hidden states into
+`num_attention_heads` x `attention_head_size`, a Dropout on the probabilities, absolute positions.
+The replacement runs only the plain call: self-attention with an additive or bool mask, no cache,
+no cross-attention, no returned probabilities; any other call (keyword it does not know, a cache,
+encoder states, output_attentions) runs the module's own forward. Before swapping, both forwards
+run on a probe (random hidden states and a padding mask) and must agree, as for norms and MLPs.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..patch import _param_device, agree, probe_input, swap_forward, watch
+
+_PROJ = ("query", "key", "value")
+
+
+def recognised(m: nn.Module) -> bool:
+    """Does `m` look like a BERT-style self-attention module?"""
+    if not all(isinstance(getattr(m, n, None), nn.Linear) for n in _PROJ):
+        return False
+    h, d = getattr(m, "num_attention_heads", None), getattr(m, "attention_head_size", None)
+    if not (isinstance(h, int) and isinstance(d, int) and m.query.out_features == h * d
+            and m.key.out_features == h * d and m.value.out_features == h * d):
+        return False
+    if getattr(m, "position_embedding_type", "absolute") != "absolute":
+        return False
+    if not isinstance(getattr(m, "dropout", None), nn.Dropout):
+        return False
+    try:
+        params = list(inspect.signature(type(m).forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params[1:3] == ["hidden_states", "attention_mask"]
+
+
+def _forward(original):
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        plain = not args and all(v is None or v is False for v in kwargs.values())
+        if (not plain or hidden_states.dim() != 3
+                or (attention_mask is not None and attention_mask.dim() != 4)):
+            return original(hidden_states, attention_mask, *args, **kwargs)
+        b, s, _ = hidden_states.shape
+        h, d = self.num_attention_heads, self.attention_head_size
+        q, k, v = (getattr(self, n)(hidden_states).view(b, s, h, d) for n in _PROJ)
+        out = ops.attention(q, k, v, attn_mask=attention_mask, scale=1.0 / math.sqrt(d),
+                            dropout_p=self.dropout.p if self.training else 0.0, layout="bshd")
+        return out.reshape(b, s, h * d), None
+    forward.__name__ = "lz_inline_self_attention_forward"
+    return forward
+
+
+def _probe(m: nn.Module, device) -> tuple[bool, str]:
+    """Run the module's forward and the replacement on a probe; (agree, why not)."""
+    hidden = m.query.in_features
+    dtype = m.query.weight.dtype
+    x = probe_input((2, 5, hidden), None, dtype=dtype, device=device)
+    mask = torch.zeros(2, 1, 1, 5, dtype=dtype, device=device)
+    mask[1, ..., :2] = torch.finfo(dtype).min
+    tmp: list = []
+    with torch.no_grad():
+        try:
+            want = m(x, attention_mask=mask)
+            swap_forward(m, _forward, tmp)
+            got = m(x, attention_mask=mask)
+        except Exception as e:  # noqa: BLE001 - a module we can't call plainly is left alone
+            return False, f"probe raised {type(e).__name__}: {e}"
+        finally:
+            for fn in reversed(tmp):
+                fn()
+    if not isinstance(want, tuple) or len(want) != 2 or not isinstance(want[0], torch.Tensor):
+        return False, "its forward does not return (context, probabilities)"
+    ok, err = agree(got[0], want[0], dtype)
+    return ok, "" if ok else f"differs on a probe (err {err:.2g})"
+
+
+def patch_inline(model, report, undo) -> set:
+    """Swap every recognised inline self-attention module of `model` whose probe agrees; returns
+    the ids of the modules swapped (the others are reported skipped, with the reason)."""
+    done = set()
+    for name, m in model.named_modules():
+        if not recognised(m):
+            continue
+        device = _param_device(m)
+        if device is None:
+            report.add(name, "attention", "skipped", detail=f"{type(m).__name__}: weights not loaded (meta)")
+            continue
+        ok, why = _probe(m, device)
+        if not ok:
+            report.add(name, "attention", "skipped", detail=f"{type(m).__name__}: inline self-attention {why}")
+            continue
+        swap_forward(m, _forward, undo)
+        watch(m, undo)
+        done.add(id(m))
+        report.add(name, "attention", "patched", "attention",
+                   f"{type(m).__name__}: inline BERT-style self-attention -> lz.attention (plain calls)",
+                   {"op": "attention", "num_heads": m.num_attention_heads,
+                    "head_dim": m.attention_head_size})
+    return done
