@@ -44,7 +44,7 @@ def recognised(m: nn.Module) -> bool:
 
 def _forward(original):
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-        plain = not args and all(v is None or v is False for v in kwargs.values())
+        plain = all(v is None or v is False for v in (*args, *kwargs.values()))
         if (not plain or hidden_states.dim() != 3
                 or (attention_mask is not None and attention_mask.dim() != 4)):
             return original(hidden_states, attention_mask, *args, **kwargs)
