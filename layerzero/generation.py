@@ -34,6 +34,7 @@ call, not handed out).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import weakref
@@ -60,7 +61,6 @@ _logged: set = set()
 # transformers' processors and criteria the step runs itself (by class name)
 _WARPERS = {"TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper"}
 _MIN_LENGTH = {"MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor"}
-_CRITERIA = {"MaxLengthCriteria", "EosTokenCriteria"}
 # Processors that need more than the logits and the tokens so far: options model.generate has.
 _REFUSED_PROCESSORS = {
     "PrefixConstrainedLogitsProcessor": "prefix_allowed_tokens_fn (constrained decoding)",
@@ -223,11 +223,9 @@ def _static_cache(model, max_len: int):
 
     cfg = model.config.get_text_config(decoder=True)
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    odd = sorted({t for t in types if t not in ("full_attention", "sliding_attention", "chunked_attention")})
+    odd = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
     if odd:
-        raise _refuse(f"layer type(s) {', '.join(odd)} (only attention layers)")
-    if any(t == "chunked_attention" for t in types):
-        raise _refuse("chunked attention layers")
+        raise _refuse(f"layer type(s) {', '.join(odd)} (only full and sliding-window attention layers)")
 
     class _FullStaticCache(StaticCache):
         def __init__(self):
@@ -240,16 +238,16 @@ class _Loop:
     """The buffers, cache and (on CUDA) the captured step of one (batch, length bucket, plan)."""
 
     def __init__(self, model, batch: int, max_len: int, plan: _Plan, device):
-        self.model, self.plan, self.batch, self.max_len = model, plan, batch, max_len
+        self.model, self.plan = model, plan
         self.max_new = self.rows = 0            # this call's, set by prefill
         self.cache_kw, self.takes_pos, self.takes_cp, self.takes_keep = _forward_kwargs(model)
         self.cache = _static_cache(model, max_len)
         z = dict(device=device, dtype=torch.long)
         self.tok = torch.zeros(batch, 1, **z)
         self.pos = torch.zeros(batch, 1, **z)
-        self.cp = torch.zeros(1, **z)
         self.step_i = torch.zeros((), **z)      # new tokens so far
-        self.cur = torch.zeros((), **z)         # where the next token goes in seq
+        self.cur = torch.zeros((), **z)         # where the next token goes in seq (the fed
+                                                # token's cache position is cur - 1)
         self.done_at = torch.full((), -1, **z)
         self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         self.mask = torch.ones(batch, max_len, **z)
@@ -317,16 +315,16 @@ class _Loop:
     def step(self, cur: int | None = None) -> None:
         """One decode step: the forward of the last token, then `_advance`. Reads and writes
         tensors only (`cur`, the sequence length on the host, is for eager processors)."""
-        logits = self._forward(self.tok, self.mask, self.pos, self.cp)
+        cp = (self.cur - 1).view(1) if self.takes_cp else None
+        logits = self._forward(self.tok, self.mask, self.pos, cp)
         self.pos += 1
-        self.cp += 1
         self._advance(logits, cur)
 
     # -- running ------------------------------------------------------------------------------
     def _state(self) -> list[torch.Tensor]:
         lengths = [layer.cumulative_length for layer in self.cache.layers
                    if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
-        return [self.tok, self.pos, self.cp, self.step_i, self.cur, self.done_at, self.unfinished,
+        return [self.tok, self.pos, self.step_i, self.cur, self.done_at, self.unfinished,
                 self.seq] + lengths
 
     def prefill(self, input_ids, attention_mask, max_new: int, rows: int, output_scores: bool,
@@ -358,38 +356,37 @@ class _Loop:
         self.logits = (torch.empty(self.max_new, b, vocab, device=logits.device)
                        if output_logits else None)
         self.pos.copy_(pos[:, -1:] + 1)
-        self.cp.fill_(n)
         self._advance(logits, n)
 
     def _capture(self) -> None:
         """Compile the step (every kernel decision made while tracing), warm it up on a side
-        stream and capture it as a CUDA graph; the loop's state is put back afterwards."""
+        stream and capture it as a CUDA graph; the loop's state is put back afterwards (also when
+        this raises)."""
         saved = [t.clone() for t in self._state()]
-        if self.compiled is None:
-            self.compiled = torch.compile(self.step, fullgraph=True, dynamic=False, **COMPILE_OPTIONS)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(self.step, fullgraph=True, dynamic=False, **COMPILE_OPTIONS)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    self.compiled()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
                 self.compiled()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            self.compiled()
-        for t, v in zip(self._state(), saved):
-            t.copy_(v)
+        finally:
+            for t, v in zip(self._state(), saved):
+                t.copy_(v)
         self.graph = g
 
     def _try_capture(self) -> bool:
         """`_capture`; if compiling or capturing raises, log and count it and run this loop's
         steps eagerly from now on (no runtime fallback exists inside a graph)."""
-        saved = [t.clone() for t in self._state()]
         try:
             self._capture()
             return True
         except Exception as exc:  # noqa: BLE001 - any failure of compile/capture: run eagerly
-            for t, v in zip(self._state(), saved):
-                t.copy_(v)
             self.graph = False
             telemetry.count_fallback(GRAPH_FALLBACK)
             first = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -462,15 +459,15 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
     _check_options(model, cfg, model_kwargs)
     if input_ids is None or input_ids.dim() != 2:
         raise _refuse("inputs without 2-D input_ids (inputs_embeds or other modalities)")
+    device = input_ids.device
+    rows, n = input_ids.shape
+    plan = _Plan(cfg, processors, criteria, n, device)   # raises on what it refuses: before patching
     if lz_patch and report(model) is None:
         patch(model)
         if id(model) not in _logged:
             _logged.add(id(model))
             log.info("lz.generate patched %s with lz.patch (lz.unpatch(model) undoes it)",
                      type(model).__name__)
-    device = input_ids.device
-    rows, n = input_ids.shape
-    plan = _Plan(cfg, processors, criteria, n, device)
     if plan.stepwise and ("stepwise", id(model)) not in _logged:
         _logged.add(("stepwise", id(model)))
         names = [type(x).__name__ for x in plan.eager_processors + plan.eager_criteria]
@@ -505,13 +502,10 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
     want_logits = bool(cfg.return_dict_in_generate and cfg.output_logits)
     if streamer is not None and not prompt_streamed:
         streamer.put(input_ids[:rows].cpu())
-    decode_ctx = getattr(model, "_optimize_model_for_decode", None)
+    decode_ctx = getattr(model, "_optimize_model_for_decode", contextlib.nullcontext)
     with torch.no_grad():
         loop.prefill(input_ids, mask, max_new, rows, want_scores, want_logits)
-        if decode_ctx is not None:
-            with decode_ctx():
-                kept = loop.decode(streamer)
-        else:
+        with decode_ctx():
             kept = loop.decode(streamer)
     if streamer is not None:
         streamer.end()

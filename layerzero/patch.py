@@ -369,13 +369,13 @@ def _param_device(module: nn.Module):
     return None
 
 
-def _run_original(module: nn.Module, x):
+def _run_original(module: nn.Module, x, **kwargs):
     """The module's current forward on a probe, without autograd and in eval mode."""
     was = module.training
     module.eval()
     try:
         with torch.no_grad():
-            return module(x)
+            return module(x, **kwargs)
     finally:
         module.train(was)
 
@@ -431,14 +431,15 @@ _REF_NORMS = (lambda x, w, eps, offset: reference.rms_norm(x, w, eps, None, offs
               lambda x, w, b, eps: reference.layer_norm(x, w, b, eps))
 
 
-def probe(module: nn.Module, make: Callable, x) -> tuple:
-    """(module's output, output with forward `make(original)` swapped in) on probe input x. Both
-    run through the module's hooks (accelerate loads offloaded weights for each)."""
-    got = _run_original(module, x)
+def probe(module: nn.Module, make: Callable, x, **kwargs) -> tuple:
+    """(module's output, output with forward `make(original)` swapped in) on probe input x (and
+    keyword arguments). Both run through the module's hooks (accelerate loads offloaded weights
+    for each)."""
+    got = _run_original(module, x, **kwargs)
     tmp: list = []
     swap_forward(module, make, tmp)
     try:
-        want = _run_original(module, x)
+        want = _run_original(module, x, **kwargs)
     finally:
         for fn in reversed(tmp):
             fn()

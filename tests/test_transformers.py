@@ -719,10 +719,16 @@ def test_inline_bert_style_self_attention_is_swapped_after_a_probe():
             p = ((q @ k.transpose(-1, -2)) ** 2 / 64 + attention_mask).softmax(-1)
             return (p @ vv).transpose(1, 2).reshape(b, s, 64), p
 
+    # a family whose attention goes through AttentionInterface is switched once, not also swapped
+    bert, *_ = _build("bert")
+    items = [i.name for i in lz.patch(bert).items if i.kind == "attention"]
+    assert len(items) == len(set(items)) == 2
+    lz.unpatch(bert)
+
     from layerzero.patch import Report
 
     m, report, undo = Squared(), Report("Squared"), []
     assert transformers_inline.recognised(m)
-    assert transformers_inline.patch_inline(m, report, undo) == set() and not undo
+    assert transformers_inline.patch_inline(m, report, undo) == {"": False} and not undo
     (item,) = report.items
     assert item.status == "skipped" and "differs on a probe" in item.detail

@@ -411,9 +411,13 @@ def _patch_attention(model, report, undo) -> None:
     parts = [model] if mods and can else (_switchable_parts(model) if mods else [])
     inside = {id(x) for part in parts for x in part.modules()}
     from .transformers_inline import patch_inline   # BERT-style attention written inline
-    swapped = patch_inline(model, report, undo) if refused is None else set()
-    inside |= {id(x) for m in model.modules() if any(id(c) in swapped for c in m.modules()) for x in m.modules()}
-    names = [n for n, m in model.named_modules() if type(m).__name__.endswith("Attention") and id(m) not in inside]
+    inline = patch_inline(model, report, undo, skip=inside)
+    swapped = [n for n, ok in inline.items() if ok]
+
+    def reported(n):  # by patch_inline, or the attention module around one it swapped
+        return n in inline or any(s.startswith(n + ".") for s in swapped)
+    names = [n for n, m in model.named_modules() if type(m).__name__.endswith("Attention")
+             and id(m) not in inside and not reported(n)]
     if not parts and not swapped:
         names = names or [cls.__name__]
     for n in names:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..patch import _param_device, agree, probe_input, swap_forward, watch
+from ..patch import _param_device, agree, probe, probe_input, swap_forward, watch
 
 _PROJ = ("query", "key", "value")
 
@@ -65,31 +65,26 @@ def _probe(m: nn.Module, device) -> tuple[bool, str]:
     x = probe_input((2, 5, hidden), None, dtype=dtype, device=device)
     mask = torch.zeros(2, 1, 1, 5, dtype=dtype, device=device)
     mask[1, ..., :2] = torch.finfo(dtype).min
-    tmp: list = []
-    with torch.no_grad():
-        try:
-            want = m(x, attention_mask=mask)
-            swap_forward(m, _forward, tmp)
-            got = m(x, attention_mask=mask)
-        except Exception as e:  # noqa: BLE001 - a module we can't call plainly is left alone
-            return False, f"probe raised {type(e).__name__}: {e}"
-        finally:
-            for fn in reversed(tmp):
-                fn()
+    try:
+        want, got = probe(m, _forward, x, attention_mask=mask)
+    except Exception as e:  # noqa: BLE001 - a module we can't call plainly is left alone
+        return False, f"probe raised {type(e).__name__}: {e}"
     if not isinstance(want, tuple) or len(want) != 2 or not isinstance(want[0], torch.Tensor):
         return False, "its forward does not return (context, probabilities)"
     ok, err = agree(got[0], want[0], dtype)
     return ok, "" if ok else f"differs on a probe (err {err:.2g})"
 
 
-def patch_inline(model, report, undo) -> set:
-    """Swap every recognised inline self-attention module of `model` whose probe agrees; returns
-    the ids of the modules swapped (the others are reported skipped, with the reason)."""
-    done = set()
+def patch_inline(model, report, undo, skip=frozenset()) -> dict:
+    """Swap every recognised inline self-attention module of `model` whose probe agrees, and
+    report each recognised one; returns {module name: swapped?} for them. `skip`: ids of modules
+    already switched to LayerZero through transformers' AttentionInterface."""
+    done = {}
     for name, m in model.named_modules():
-        if not recognised(m):
+        if id(m) in skip or not recognised(m):
             continue
         device = _param_device(m)
+        done[name] = False
         if device is None:
             report.add(name, "attention", "skipped", detail=f"{type(m).__name__}: weights not loaded (meta)")
             continue
@@ -99,7 +94,7 @@ def patch_inline(model, report, undo) -> set:
             continue
         swap_forward(m, _forward, undo)
         watch(m, undo)
-        done.add(id(m))
+        done[name] = True
         report.add(name, "attention", "patched", "attention",
                    f"{type(m).__name__}: inline BERT-style self-attention -> lz.attention (plain calls)",
                    {"op": "attention", "num_heads": m.num_attention_heads,
