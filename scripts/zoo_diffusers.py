@@ -1314,6 +1314,15 @@ def _ran(calls) -> dict:
     return {op: sum(n for k, n in ks.items() if not k.startswith("diffusers.")) for op, ks in calls.items()}
 
 
+def _judge(res: dict, out, ref) -> None:
+    """Record a route's LayerZero calls and its outputs' difference from the reference."""
+    res["calls"] = _ran(_calls())
+    ok, diff, why = compare(out, ref)
+    res["max_diff"] = diff
+    if not ok:
+        res.update(status="changed", why=why)
+
+
 def route_patch(model, inputs, ref) -> dict:
     import layerzero as lz
     res = {"status": "ok"}
@@ -1340,11 +1349,7 @@ def route_patch(model, inputs, ref) -> dict:
         except Exception:
             pass
         return dict(res, status="raises", where="patched forward", error=first_line(e), at=where_in_diffusers(e))
-    res["calls"] = _ran(_calls())
-    ok, diff, why = compare(out, ref)
-    res["max_diff"] = diff
-    if not ok:
-        res.update(status="changed", why=why)
+    _judge(res, out, ref)
     try:
         lz.unpatch(m)
         lz.reset_metrics()
@@ -1391,11 +1396,7 @@ def route_backend(model, inputs, ref) -> dict:
         except Exception as e:
             return dict(res, status="raises", where="backend forward", error=first_line(e), at=where_in_diffusers(e))
         if out is not None:
-            res["calls"] = _ran(_calls())
-            ok, diff, why = compare(out, ref)
-            res["max_diff"] = diff
-            if not ok:
-                res.update(status="changed", why=why)
+            _judge(res, out, ref)
     finally:
         for proc, backend in saved:
             proc._attention_backend = backend

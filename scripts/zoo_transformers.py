@@ -768,6 +768,18 @@ def run(tasks: list[tuple[str, str]], workers: int = 2, timeout: float = 60.0, t
         s["conn"].close()
         slots.remove(s)
 
+    def bury(s, status, error):
+        """A worker that crashed or ran out of time: its family's row says so; a new one starts."""
+        if s["task"] is not None:
+            i, (kind, fam) = s["task"]
+            results[i] = _dead_row(kind, fam, status)
+            results[i]["patch"]["error"] = results[i]["attn"]["error"] = error
+            if progress:
+                progress(results[i])
+        stop(s, kill=True)
+        if todo:
+            start()
+
     for _ in range(min(workers, len(tasks))):
         start()
     while todo or any(s["task"] for s in slots):
@@ -784,16 +796,7 @@ def run(tasks: list[tuple[str, str]], workers: int = 2, timeout: float = 60.0, t
                     what, row = s["conn"].recv()
                 except (EOFError, OSError):
                     s["proc"].join(5)
-                    code = s["proc"].exitcode
-                    if s["task"] is not None:
-                        i, (kind, fam) = s["task"]
-                        results[i] = _dead_row(kind, fam, "crashed")
-                        results[i]["patch"]["error"] = results[i]["attn"]["error"] = f"worker exit code {code}"
-                        if progress:
-                            progress(results[i])
-                    stop(s, kill=True)
-                    if todo:
-                        start()
+                    bury(s, "crashed", f"worker exit code {s['proc'].exitcode}")
                     continue
                 if what == "ready":
                     s["ready"] = True
@@ -804,14 +807,7 @@ def run(tasks: list[tuple[str, str]], workers: int = 2, timeout: float = 60.0, t
                     if progress:
                         progress(row)
             elif s["task"] is not None and now - s["since"] > timeout:
-                i, (kind, fam) = s["task"]
-                results[i] = _dead_row(kind, fam, "timeout")
-                results[i]["patch"]["error"] = results[i]["attn"]["error"] = f"over {timeout:.0f} s"
-                if progress:
-                    progress(results[i])
-                stop(s, kill=True)
-                if todo:
-                    start()
+                bury(s, "timeout", f"over {timeout:.0f} s")
             elif not s["ready"] and now - s["since"] > 300:
                 raise RuntimeError("a worker did not start in 300 s")
     for s in list(slots):
