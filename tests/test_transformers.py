@@ -703,7 +703,8 @@ def test_inline_bert_style_self_attention_is_swapped_after_a_probe():
     with torch.no_grad():
         assert torch.equal(model(**kw).last_hidden_state, want)
 
-    from layerzero.integrations import transformers_inline
+    from layerzero.integrations import inline
+    from layerzero.integrations.inline import bert as inline_bert
 
     class Squared(torch.nn.Module):   # BERT's structure, other math (squared scores)
         def __init__(self):
@@ -728,7 +729,7 @@ def test_inline_bert_style_self_attention_is_swapped_after_a_probe():
     from layerzero.patch import Report
 
     m, report, undo = Squared(), Report("Squared"), []
-    assert transformers_inline.recognised(m)
-    assert transformers_inline.patch_inline(m, report, undo) == {"": False} and not undo
+    assert inline_bert.recognised(m) and inline.recognise(m) is inline_bert
+    assert inline.patch_inline(m, report, undo) == {"": False} and not undo
     (item,) = report.items
     assert item.status == "skipped" and "differs on a probe" in item.detail

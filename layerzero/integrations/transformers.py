@@ -410,7 +410,7 @@ def _patch_attention(model, report, undo) -> None:
         return
     parts = [model] if mods and can else (_switchable_parts(model) if mods else [])
     inside = {id(x) for part in parts for x in part.modules()}
-    from .transformers_inline import patch_inline   # BERT-style attention written inline
+    from .inline import patch_inline   # attention written inline (BERT-style, ...)
     inline = patch_inline(model, report, undo, skip=inside)
     swapped = [n for n, ok in inline.items() if ok]
 

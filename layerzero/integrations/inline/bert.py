@@ -17,8 +17,10 @@ import math
 import torch
 from torch import nn
 
-from .. import ops
-from ..patch import _param_device, agree, probe, probe_input, swap_forward, watch
+from ... import ops
+from ...patch import agree, probe, probe_input
+
+DESCRIPTION = "inline BERT-style self-attention"
 
 _PROJ = ("query", "key", "value")
 
@@ -42,7 +44,7 @@ def recognised(m: nn.Module) -> bool:
     return params[1:3] == ["hidden_states", "attention_mask"]
 
 
-def _forward(original):
+def make_forward(original):
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         plain = all(v is None or v is False for v in (*args, *kwargs.values()))
         if (not plain or hidden_states.dim() != 3
@@ -58,7 +60,7 @@ def _forward(original):
     return forward
 
 
-def _probe(m: nn.Module, device) -> tuple[bool, str]:
+def check(m: nn.Module, device) -> tuple[bool, str]:
     """Run the module's forward and the replacement on a probe; (agree, why not)."""
     hidden = m.query.in_features
     dtype = m.query.weight.dtype
@@ -66,7 +68,7 @@ def _probe(m: nn.Module, device) -> tuple[bool, str]:
     mask = torch.zeros(2, 1, 1, 5, dtype=dtype, device=device)
     mask[1, ..., :2] = torch.finfo(dtype).min
     try:
-        want, got = probe(m, _forward, x, attention_mask=mask)
+        want, got = probe(m, make_forward, x, attention_mask=mask)
     except Exception as e:  # noqa: BLE001 - a module we can't call plainly is left alone
         return False, f"probe raised {type(e).__name__}: {e}"
     if not isinstance(want, tuple) or len(want) != 2 or not isinstance(want[0], torch.Tensor):
@@ -75,28 +77,5 @@ def _probe(m: nn.Module, device) -> tuple[bool, str]:
     return ok, "" if ok else f"differs on a probe (err {err:.2g})"
 
 
-def patch_inline(model, report, undo, skip=frozenset()) -> dict:
-    """Swap every recognised inline self-attention module of `model` whose probe agrees, and
-    report each recognised one; returns {module name: swapped?} for them. `skip`: ids of modules
-    already switched to LayerZero through transformers' AttentionInterface."""
-    done = {}
-    for name, m in model.named_modules():
-        if id(m) in skip or not recognised(m):
-            continue
-        device = _param_device(m)
-        done[name] = False
-        if device is None:
-            report.add(name, "attention", "skipped", detail=f"{type(m).__name__}: weights not loaded (meta)")
-            continue
-        ok, why = _probe(m, device)
-        if not ok:
-            report.add(name, "attention", "skipped", detail=f"{type(m).__name__}: inline self-attention {why}")
-            continue
-        swap_forward(m, _forward, undo)
-        watch(m, undo)
-        done[name] = True
-        report.add(name, "attention", "patched", "attention",
-                   f"{type(m).__name__}: inline BERT-style self-attention -> lz.attention (plain calls)",
-                   {"op": "attention", "num_heads": m.num_attention_heads,
-                    "head_dim": m.attention_head_size})
-    return done
+def details(m: nn.Module) -> dict:
+    return {"op": "attention", "num_heads": m.num_attention_heads, "head_dim": m.attention_head_size}

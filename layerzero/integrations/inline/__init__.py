@@ -1,0 +1,68 @@
+"""Attention written inline (not through transformers' AttentionInterface) -> `lz.attention`.
+
+Many transformers families keep their own copy of attention code: BERT-style self-attention
+(megatron-bert, rembert, ...), BART-style (xglm, trocr, ...), fused query-key-value projections
+with ALiBi (bloom, mpt), ... One module per form (`STYLES`) recognises it by structure and
+supplies:
+
+    DESCRIPTION          what the report says it swapped ("inline BERT-style self-attention")
+    recognised(m)        does module `m` have this form? (structure only: attributes, signature)
+    make_forward(orig)   the replacement forward (self, *args, **kwargs): `lz.attention` for the
+                         calls it can run exactly, `orig(*args, **kwargs)` for any other call
+    check(m, device)     (ok, why not): both forwards on a probe (`patch.probe`), compared with
+                         `patch.agree`, as norms and MLPs are checked before they are swapped
+    details(m)           the report's detail ({"op": "attention", "num_heads": .., ...})
+
+`patch_inline` swaps each module a style recognises and whose check passes, and reports every
+recognised module once (patched, or skipped with the reason). This layer sits above the patching
+mechanics of `layerzero.patch` (swaps, undo, probes) and below the transformers integration.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ...patch import _param_device, swap_forward, watch
+
+# the forms known, in the order they are tried (first recognising one wins)
+STYLES = ("bert",)
+
+
+def styles() -> list:
+    return [importlib.import_module(f"{__name__}.{s}") for s in STYLES]
+
+
+def recognise(m):
+    """The style module recognising `m`, or None."""
+    for style in styles():
+        if style.recognised(m):
+            return style
+    return None
+
+
+def patch_inline(model, report, undo, skip=frozenset()) -> dict:
+    """Swap every module of `model` written in a known inline form whose probe agrees, and report
+    each recognised one; returns {module name: swapped?} for them. `skip`: ids of modules already
+    switched to LayerZero through transformers' AttentionInterface."""
+    known = styles()
+    done = {}
+    for name, m in model.named_modules():
+        if id(m) in skip:
+            continue
+        style = next((s for s in known if s.recognised(m)), None)
+        if style is None:
+            continue
+        device = _param_device(m)
+        done[name] = False
+        if device is None:
+            report.add(name, "attention", "skipped", detail=f"{type(m).__name__}: weights not loaded (meta)")
+            continue
+        ok, why = style.check(m, device)
+        if not ok:
+            report.add(name, "attention", "skipped", detail=f"{type(m).__name__}: {style.DESCRIPTION} {why}")
+            continue
+        swap_forward(m, style.make_forward, undo)
+        watch(m, undo)
+        done[name] = True
+        report.add(name, "attention", "patched", "attention",
+                   f"{type(m).__name__}: {style.DESCRIPTION} -> lz.attention (plain calls)", style.details(m))
+    return done
