@@ -76,10 +76,14 @@ BATCHES = (1, 8)
 def read_per_step(model) -> int:
     """Weight bytes a decode step reads: every parameter (tied ones once) but the input embedding
     table, of which a step reads only the batch's rows (unless it is tied to the output layer)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    seen, total = set(), 0
+    for p in model.parameters():   # by storage: tied weights once, however they are tied
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
-    if out is None or out.weight is not emb:
+    if out is None or out.weight.data_ptr() != emb.data_ptr():
         total -= emb.numel() * emb.element_size()
     return total
 

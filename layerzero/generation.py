@@ -10,7 +10,12 @@ protocol); a direct call goes through `model.generate` the same way. The loop th
 - patches the model with `lz.patch` if it is not patched (`lz_patch=False` leaves it as it is);
 - keeps K/V in a static cache (`StaticCache`, every layer full length: sliding windows come from
   the mask), sized to the prompt plus the new tokens rounded up to `LENGTH_BUCKET`;
-- runs the prefill eagerly, with the kernels LayerZero picks for the prompt's shapes;
+- runs the prefill with the kernels LayerZero picks for the prompt's shapes; on CUDA (when the
+  decode step is graphed too) the prompt is left-padded to a multiple of `PREFILL_BUCKET` and
+  the prefill, with the first token's choice, is captured eagerly as a CUDA graph per padded
+  length and replayed (time to first token at 128 tokens on the H200: 4 ms instead of 20, most
+  of which was Python); a capture that fails is logged and counted, and that length prefills
+  eagerly;
 - runs each decode step as one function `_Loop.step`: the forward of one token per row, the
   logits processors transformers' generation config implies (min length, temperature, top-k,
   top-p, min-p), the next token through `lz.sample`, padding of finished rows, EOS and the step
@@ -47,14 +52,20 @@ from . import ops, reference, telemetry
 log = logging.getLogger("layerzero")
 
 LENGTH_BUCKET = 256     # static cache lengths are multiples of this (reuse across prompt lengths)
+PREFILL_BUCKET = 64     # graphed prefills: prompts left-padded to a multiple of this (one graph each)
 CHECK_EVERY = 16        # graph replays between two looks at the stop flag
 KEEP = 2                # captured loops kept per model
 GRAPH_FALLBACK = "lz.generate.cuda_graph"   # lz.metrics()["fallbacks"] key: a step run eagerly
-# torch.compile arguments of the decode step. Coordinate-descent tuning of inductor's kernels:
-# on the H200 (1B llama, bf16, batch 1) a step took 1.156 ms instead of 1.439 (matrix-vector
-# products as tuned Triton reductions fused with the norms and the gate; 184 kernels, not 282),
-# for 41.6 s of first call instead of 12.4 s (scripts/generate_gpu_profile.py).
+PREFILL_FALLBACK = "lz.generate.prefill_graph"  # ... a prefill run eagerly
+# torch.compile arguments of the decode step, for a batch bucket of one row and for larger ones.
+# Coordinate-descent tuning of inductor's kernels at batch 1: on the H200 (1B llama, bf16) a
+# step took 1.156 ms instead of 1.439 (matrix-vector products as tuned Triton reductions fused
+# with the norms and the gate; 184 kernels, not 282), for 41.6 s of first call instead of 12.4 s
+# (scripts/generate_gpu_profile.py, since replaced by generate_gpu_explore.py). At batch 8 the products stay cuBLAS's either way and the
+# tuning bought nothing (1.484 vs 1.454 ms a step) for 2.3x the first call
+# (scripts/generate_gpu_explore.py, benchmarks/RESULTS.md).
 COMPILE_OPTIONS: dict = {"options": {"coordinate_descent_tuning": True}}
+COMPILE_OPTIONS_BATCHED: dict = {}
 _LOOPS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _logged: set = set()
 
@@ -257,6 +268,7 @@ class _Loop:
         self.scores = self.logits = None
         self.graph = None
         self.compiled = None
+        self.prefill_graphs: dict = {}          # padded prompt length -> (graph, ids) or False
 
     # -- the step -----------------------------------------------------------------------------
     def _forward(self, ids, mask, pos, cp):
@@ -328,9 +340,11 @@ class _Loop:
                 self.seq] + lengths
 
     def prefill(self, input_ids, attention_mask, max_new: int, rows: int, output_scores: bool,
-                output_logits: bool) -> None:
-        """Reset the loop's state, run the prompt through the model (eagerly) and append the
-        first new token. Rows past `rows` only fill the batch bucket: finished from the start."""
+                output_logits: bool, graphed: bool = False) -> None:
+        """Reset the loop's state, run the prompt through the model and append the first new
+        token. Rows past `rows` only fill the batch bucket: finished from the start. `graphed`:
+        replay the prefill of this prompt length as a CUDA graph (captured on first use, eager
+        prefill counted as a fallback when capturing fails)."""
         b, n = input_ids.shape
         self.max_new, self.rows = max_new, rows
         for layer in self.cache.layers:
@@ -347,16 +361,74 @@ class _Loop:
         self.unfinished.fill_(True)
         if self.plan.has_eos_criteria:
             self.unfinished[rows:] = False
-        pos = self.mask[:, :n].cumsum(-1) - 1
-        pos.masked_fill_(self.mask[:, :n] == 0, 1)
-        logits = self._forward(input_ids, self.mask, pos, torch.arange(n, device=input_ids.device))
+        self.scores = self.logits = None
+        if graphed and self._prefill_graphed(input_ids):
+            return
+        logits = self._prefill_forward(input_ids, eager=True)
         vocab = logits.shape[-1]
         self.scores = (torch.empty(self.max_new, b, vocab, device=logits.device)
                        if output_scores else None)
         self.logits = (torch.empty(self.max_new, b, vocab, device=logits.device)
                        if output_logits else None)
-        self.pos.copy_(pos[:, -1:] + 1)
         self._advance(logits, n)
+
+    def _prefill_forward(self, input_ids, eager: bool = False):
+        """The prompt's forward from the loop's mask (positions from its cumulative sum); sets
+        `pos` for the first decode step. The prefill's graph runs this and `_advance`."""
+        n = input_ids.shape[1]
+        mask = self.mask[:, :n]
+        pos = mask.cumsum(-1) - 1
+        pos.masked_fill_(mask == 0, 1)
+        logits = self._forward(input_ids, self.mask, pos, torch.arange(n, device=input_ids.device))
+        self.pos.copy_(pos[:, -1:] + 1)
+        return logits
+
+    def _prefill_graphed(self, input_ids) -> bool:
+        """Replay the prefill graph of this prompt length (capture it first: one eager prefill
+        warms every kernel up, then the capture); False when capturing failed (logged, counted
+        once per length: the prefill of that length runs eagerly)."""
+        n = input_ids.shape[1]
+        entry = self.prefill_graphs.get(n)
+        if entry is None:
+            entry = self.prefill_graphs[n] = self._capture_prefill(input_ids)
+        if entry is False:
+            return False
+        graph, ids = entry
+        ids.copy_(input_ids)
+        graph.replay()
+        return True
+
+    def _capture_prefill(self, input_ids):
+        saved = [t.clone() for t in self._state()]
+        ids = input_ids.clone()
+
+        def body():
+            self._advance(self._prefill_forward(ids), None)
+
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                body()                        # warm-up: lazy cache allocation, kernel choices
+            torch.cuda.current_stream().wait_stream(s)
+            for t, v in zip(self._state(), saved):
+                t.copy_(v)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                body()
+            return g, ids
+        except Exception as exc:  # noqa: BLE001 - any failure of the capture: prefill eagerly
+            telemetry.count_fallback(PREFILL_FALLBACK)
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            log.warning("lz.generate: capturing the prefill of %d tokens of %s raised %s (%s); "
+                        "prefills of that length run eagerly", ids.shape[1], type(self.model).__name__,
+                        type(exc).__name__, first)
+            return False
+        finally:
+            for t, v in zip(self._state(), saved):
+                t.copy_(v)
+            for layer in self.cache.layers:
+                layer.reset()
 
     def _capture(self) -> None:
         """Compile the step (every kernel decision made while tracing), warm it up on a side
@@ -365,7 +437,8 @@ class _Loop:
         saved = [t.clone() for t in self._state()]
         try:
             if self.compiled is None:
-                self.compiled = torch.compile(self.step, fullgraph=True, dynamic=False, **COMPILE_OPTIONS)
+                opts = COMPILE_OPTIONS if self.tok.shape[0] == 1 else COMPILE_OPTIONS_BATCHED
+                self.compiled = torch.compile(self.step, fullgraph=True, dynamic=False, **opts)
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
@@ -475,12 +548,23 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
     max_new = plan.max_new
     if max_new <= 0:
         return input_ids
+    want_scores = bool(cfg.return_dict_in_generate and cfg.output_scores)
+    want_logits = bool(cfg.return_dict_in_generate and cfg.output_logits)
+    graphed = _buckets(device, plan) and not (want_scores or want_logits)
+    # a graphed prefill serves every prompt length of its bucket: left padding up to it
+    lead = -n % PREFILL_BUCKET if graphed else 0
     limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 1 << 30
-    need = n + max_new
+    need = n + lead + max_new
     max_len = -(-need // LENGTH_BUCKET) * LENGTH_BUCKET
     max_len = max(need, min(max_len, limit))
     pad = cfg._pad_token_tensor
     mask = model_kwargs.get("attention_mask")
+    if streamer is not None and not prompt_streamed:
+        streamer.put(input_ids.cpu())
+    if lead:
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        input_ids = torch.nn.functional.pad(input_ids, (lead, 0), value=0 if pad is None else int(pad))
+        mask = torch.nn.functional.pad(mask, (lead, 0), value=0)
     b = batch_bucket(rows) if _buckets(device, plan) else rows
     if b > rows:  # rows repeating the first one fill the bucket; they are cut off at the end
         fill = (0,) * (b - rows)
@@ -498,18 +582,14 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
     loops[key] = loop
     if pad is not None:
         loop.pad.fill_(int(pad))
-    want_scores = bool(cfg.return_dict_in_generate and cfg.output_scores)
-    want_logits = bool(cfg.return_dict_in_generate and cfg.output_logits)
-    if streamer is not None and not prompt_streamed:
-        streamer.put(input_ids[:rows].cpu())
     decode_ctx = getattr(model, "_optimize_model_for_decode", contextlib.nullcontext)
     with torch.no_grad():
-        loop.prefill(input_ids, mask, max_new, rows, want_scores, want_logits)
+        loop.prefill(input_ids, mask, max_new, rows, want_scores, want_logits, graphed)
         with decode_ctx():
             kept = loop.decode(streamer)
     if streamer is not None:
         streamer.end()
-    sequences = loop.seq[:rows, : n + kept].clone()
+    sequences = loop.seq[:rows, lead: lead + n + kept].clone()
     if not cfg.return_dict_in_generate:
         return sequences
     from transformers.generation.utils import GenerateDecoderOnlyOutput

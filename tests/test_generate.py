@@ -220,3 +220,23 @@ def test_batch_buckets_fill_rows_that_never_show(monkeypatch):
     assert [s.shape for s in got.scores] == [s.shape for s in want.scores]
     (key,) = lzgen._LOOPS[model]
     assert key[0] == 4
+
+
+def test_graphed_prefill_pads_the_prompt_to_its_bucket(monkeypatch, caplog):
+    """Where the prefill is a CUDA graph (forced here on the CPU, where capturing fails), the
+    prompt is left-padded to a multiple of PREFILL_BUCKET: same tokens, same streamed prompt, the
+    padding cut from the result; the failed capture is logged and counted once per length."""
+    monkeypatch.setattr(lzgen, "_buckets", lambda device, plan: True)
+    ref, model = _pair("llama")
+    ids, mask = _batch()
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    eos = _eos_that_stops(ref, ids, mask, gen)
+    want = ref.generate(ids, attention_mask=mask, eos_token_id=eos, **gen)
+    lz.reset_metrics()
+    with caplog.at_level(logging.WARNING, logger="layerzero"):
+        for _ in range(2):
+            assert torch.equal(lz.generate(model, ids, attention_mask=mask, eos_token_id=eos, **gen), want)
+    assert lz.metrics()["fallbacks"] == {lzgen.PREFILL_FALLBACK: 1}
+    assert sum("capturing the prefill of 64 tokens" in r.getMessage() for r in caplog.records) == 1
+    (loop,) = lzgen._LOOPS[model].values()
+    assert list(loop.prefill_graphs) == [lzgen.PREFILL_BUCKET] and loop.prefill_graphs[64] is False
