@@ -276,10 +276,20 @@ def test_quickstart_and_benchmark_smoke(tmp_path, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     result = bench.main(["--tiny", "--json", str(tmp_path / "e2e.json")])
-    assert json.loads((tmp_path / "e2e.json").read_text())["results"].keys() == {"native", "layerzero-backend", "layerzero"}
+    assert json.loads((tmp_path / "e2e.json").read_text())["results"].keys() == {
+        "native", "layerzero-backend", "layerzero", "native+compile", "layerzero+compile"}
     lzr = result["results"]["layerzero"]
     assert lzr["max_abs_diff_vs_native"] < 1e-4 and {"attention", "rms_norm", "rope"} <= set(lzr["kernels"])
-    assert "ratio t(layerzero)/t(native)" in capsys.readouterr().out
+    for name in ("native+compile", "layerzero+compile"):   # a child process each, backend="eager"
+        r = result["results"][name]
+        assert "error" not in r, r
+        assert r["compile_backend"] == "eager" and r["ms"] > 0 and r["unique_graphs"] >= 1, r
+        assert r["max_abs_diff_vs_native"] < 1e-4, r
+    lzc = result["results"]["layerzero+compile"]
+    assert {"attention", "rms_norm", "rope"} <= set(lzc["kernels"]) and "ratio_vs_native_compile" in lzc
+    assert result["compile_ratio"] == lzc["ratio_vs_native_compile"] and result["compile_goal"] == 0.9
+    out = capsys.readouterr().out
+    assert "ratio t(layerzero)/t(native)" in out and "ratio t(layerzero+compile)/t(native+compile)" in out
 
 
 def test_patched_model_compiles_fullgraph():
