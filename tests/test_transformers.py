@@ -612,7 +612,7 @@ def test_auto_patch_keeps_an_explicit_attn_implementation():
 def test_layerzero_attention_on_an_inline_attention_family_says_what_to_do():
     """Falcon computes attention inline (no AttentionInterface): attn_implementation="layerzero"
     is refused with the model class, the reason and what to do (lz.patch), instead of
-    transformers' KeyError; lz.patch(model) patches the rest and reports attention as left."""
+    transformers' KeyError; lz.patch(model) swaps its attention modules (inline/falcon.py)."""
     cfg = T.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
     with pytest.raises(ValueError, match=r"FalconForCausalLM computes attention inline.*lz\.patch\(model\)"):
         T.FalconForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="layerzero")
@@ -620,7 +620,8 @@ def test_layerzero_attention_on_an_inline_attention_family_says_what_to_do():
     m.set_attn_implementation("layerzero")    # transformers logs that falcon cannot switch
     assert m.config._attn_implementation != "layerzero"
     rep = lz.patch(m)
-    assert [i for i in rep.skipped if i.kind == "attention" and "inline" in i.detail], str(rep)
+    swapped = [i for i in rep.patched if i.kind == "attention" and "inline Falcon" in i.detail]
+    assert len(swapped) == 2, str(rep)
     assert "layer_norm" in {i.op for i in rep.patched}
     lz.unpatch(m)
 

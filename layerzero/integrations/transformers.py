@@ -559,7 +559,10 @@ def _patch_rope(model, report, undo) -> None:
             continue
         fn = _rope_fns.get(original) or _rope_fns.setdefault(original, _rope_fn(original, info))
         done = []
+        inline = {i.name for i in report.items if i.kind == "rope" and i.status == "patched"}
         for name, m in mods:
+            if name in inline:   # an inline attention replacement rotating through lz.rope
+                continue
             cls = type(m)
             key = (cls.forward, fn)
             if key not in _rope_forwards:

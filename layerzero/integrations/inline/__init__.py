@@ -12,6 +12,10 @@ supplies:
     check(m, device)     (ok, why not): both forwards on a probe (`patch.probe`), compared with
                          `patch.agree`, as norms and MLPs are checked before they are swapped
     details(m)           the report's detail ({"op": "attention", "num_heads": .., ...})
+    attach(model, name, m, undo)   optional, after the swap: what else the replacement needs
+                         from around the module (undone with the rest by `lz.unpatch`)
+    ROPE                 optional, True: the replacement also rotates q/k through `lz.rope`
+                         (reported as a rope item of the module; the RoPE patch leaves it be)
 
 `patch_inline` swaps each module a style recognises and whose check passes, and reports every
 recognised module once (patched, or skipped with the reason). This layer sits above the patching
@@ -20,15 +24,26 @@ mechanics of `layerzero.patch` (swaps, undo, probes) and below the transformers 
 from __future__ import annotations
 
 import importlib
+import sys
 
 from ...patch import _param_device, swap_forward, watch
 
 # the forms known, in the order they are tried (first recognising one wins)
-STYLES = ("bert",)
+STYLES = ("bert", "bart", "xlm", "gpt_neo", "openai_gpt", "bloom", "mpt", "falcon",
+          "gpt_neox_japanese", "canine", "mpnet", "cpmant", "squeezebert", "lilt", "luke")
 
 
 def styles() -> list:
     return [importlib.import_module(f"{__name__}.{s}") for s in STYLES]
+
+
+def attentions_recorded() -> bool:
+    """Is transformers recording attention probabilities through hooks on the modules' outputs
+    (output_attentions on a model using `capture_outputs`; the module itself is not told)? Then a
+    replacement must run the module's own forward, which returns them."""
+    var = getattr(sys.modules.get("transformers.utils.output_capturing"), "_active_collector", None)
+    collected = var.get() if var is not None else None
+    return bool(collected) and any(k.endswith("attentions") for k in collected)
 
 
 def recognise(m):
@@ -62,7 +77,12 @@ def patch_inline(model, report, undo, skip=frozenset()) -> dict:
             continue
         swap_forward(m, style.make_forward, undo)
         watch(m, undo)
+        if hasattr(style, "attach"):
+            style.attach(model, name, m, undo)
         done[name] = True
         report.add(name, "attention", "patched", "attention",
                    f"{type(m).__name__}: {style.DESCRIPTION} -> lz.attention (plain calls)", style.details(m))
+        if getattr(style, "ROPE", False):
+            report.add(name, "rope", "patched", "rope",
+                       f"{type(m).__name__}: RoPE inside the {style.DESCRIPTION} -> lz.rope", {"op": "rope"})
     return done

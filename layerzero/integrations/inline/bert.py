@@ -4,10 +4,13 @@ canine, big_bird's full attention, ...).
 
 Recognised by structure: `query` / `key` / `value` Linear projections of the hidden states into
 `num_attention_heads` x `attention_head_size`, a Dropout on the probabilities, absolute positions.
-The replacement runs only the plain call: self-attention with an additive or bool mask, no cache,
-no cross-attention, no returned probabilities; any other call (keyword it does not know, a cache,
-encoder states, output_attentions) runs the module's own forward. Before swapping, both forwards
-run on a probe (random hidden states and a padding mask) and must agree, as for norms and MLPs.
+The replacement runs only the plain call: self-attention with an additive (float) mask, through
+the module's cache when the call passes one (a decoder's: K/V appended as the module's forward
+appends them, an EncoderDecoderCache's self-attention part), no cross-attention, no returned
+probabilities; any other call (a keyword it does not know, encoder states, output_attentions)
+runs the module's own forward. Before swapping, both forwards run on a probe (random hidden
+states and a padding mask; and a decoding step through a DynamicCache where the forward takes a
+cache) and must agree, as for norms and MLPs.
 """
 from __future__ import annotations
 
@@ -18,11 +21,20 @@ import torch
 from torch import nn
 
 from ... import ops
-from ...patch import agree, probe, probe_input
+from ...patch import _run_original, agree, probe, probe_input, swap_forward
+from . import attentions_recorded
 
 DESCRIPTION = "inline BERT-style self-attention"
 
 _PROJ = ("query", "key", "value")
+
+
+# parameters a BERT-style forward may have besides (hidden_states, attention_mask): the calls
+# that use none of them are the replacement's; a forward with any other (roformer's
+# sinusoidal_pos, ...) is another form
+_KNOWN_PARAMS = frozenset({"head_mask", "encoder_hidden_states", "encoder_attention_mask", "cache",
+                           "past_key_values", "output_attentions", "cache_position", "position_ids",
+                           "use_cache", "kwargs"})
 
 
 def recognised(m: nn.Module) -> bool:
@@ -41,40 +53,138 @@ def recognised(m: nn.Module) -> bool:
         params = list(inspect.signature(type(m).forward).parameters)
     except (TypeError, ValueError):
         return False
-    return params[1:3] == ["hidden_states", "attention_mask"]
+    return params[1:3] == ["hidden_states", "attention_mask"] and set(params[3:]) <= _KNOWN_PARAMS
+
+
+# keyword arguments a plain call may carry besides the hidden states, the mask and the cache
+# (the original hands them to the cache's update, as the replacement does)
+_INFORMATIONAL = frozenset({"cache_position", "position_ids", "use_cache"})
+
+
+def _plain(names: list, args: tuple, kwargs: dict):
+    """(hidden_states, attention_mask, cache, extra keywords) of a plain self-attention call of a
+    forward with parameters `names`, or None for any other call (encoder states, a head mask,
+    output_attentions, positional extras, a keyword it does not know)."""
+    named = [n for n in names if n != "kwargs"]
+    if len(args) > len(named) or any(k in named[: len(args)] for k in kwargs):
+        return None
+    call = dict(zip(named, args))
+    extra = {}
+    for k, v in kwargs.items():
+        (call if k in named else extra)[k] = v
+    if any(v is not None and v is not False for k, v in call.items()
+           if k not in ("hidden_states", "attention_mask", "cache")):
+        return None
+    if any(k not in _INFORMATIONAL for k in extra) or (extra and "kwargs" not in names):
+        return None
+    return call.get("hidden_states"), call.get("attention_mask"), call.get("cache"), extra
+
+
+def _self_cache(self, cache):
+    """The cache this module's self-attention K/V go through (an EncoderDecoderCache's self part),
+    or False when the call has one the replacement does not handle."""
+    if cache is None:
+        return None
+    if not isinstance(getattr(self, "layer_idx", None), int):
+        return False
+    if type(cache).__name__ == "EncoderDecoderCache":
+        cache = cache.self_attention_cache
+    return cache if callable(getattr(cache, "update", None)) else False
+
+
+# what the module's forward returns on a plain call, read off the probe (check): the number of
+# leading items (context alone, or context and probabilities: None here) and whether a decoder
+# appends its cache; by class
+_FORMS: dict = {}
+
+
+def _result(self, out, cache_arg):
+    n, appends = _FORMS.get(type(self), (2, False))
+    res = (out,) if n == 1 else (out, None)
+    return res + (cache_arg,) if appends and getattr(self, "is_decoder", False) else res
 
 
 def make_forward(original):
-    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-        plain = all(v is None or v is False for v in (*args, *kwargs.values()))
-        if (not plain or hidden_states.dim() != 3
-                or (attention_mask is not None and attention_mask.dim() != 4)):
-            return original(hidden_states, attention_mask, *args, **kwargs)
+    names = list(inspect.signature(original).parameters)
+
+    def forward(self, *args, **kwargs):
+        call = _plain(names, args, kwargs)
+        if call is None or attentions_recorded():
+            return original(*args, **kwargs)
+        hidden_states, attention_mask, cache_arg, extra = call
+        cache = _self_cache(self, cache_arg)
+        if (cache is False or not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3
+                or (attention_mask is not None and (attention_mask.dim() != 4
+                                                    or not attention_mask.is_floating_point()))):
+            return original(*args, **kwargs)
         b, s, _ = hidden_states.shape
         h, d = self.num_attention_heads, self.attention_head_size
-        q, k, v = (getattr(self, n)(hidden_states).view(b, s, h, d) for n in _PROJ)
+        q, k, v = (getattr(self, n)(hidden_states).view(b, s, h, d).transpose(1, 2) for n in _PROJ)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=extra)
         out = ops.attention(q, k, v, attn_mask=attention_mask, scale=1.0 / math.sqrt(d),
-                            dropout_p=self.dropout.p if self.training else 0.0, layout="bshd")
-        return out.reshape(b, s, h * d), None
+                            dropout_p=self.dropout.p if self.training else 0.0)
+        return _result(self, out.transpose(1, 2).reshape(b, s, h * d), cache_arg)
     forward.__name__ = "lz_inline_self_attention_forward"
     return forward
 
 
+def _cache_probe(m: nn.Module, x, device, dtype) -> tuple[bool, str]:
+    """Both forwards on a decoding step: a DynamicCache holding 3 earlier positions (one copy
+    each), the probe's 5 new ones; outputs and the caches' keys/values must agree."""
+    from transformers.cache_utils import DynamicCache
+
+    h, d = m.num_attention_heads, m.attention_head_size
+    past = [probe_input((2, h, 3, d), None, dtype=dtype, device=device) * s for s in (1.0, 0.5)]
+    mask = torch.zeros(2, 1, 5, 8, dtype=dtype, device=device)
+    mask[1, ..., :2] = torch.finfo(dtype).min
+    outs, caches = [], []
+    for swapped in (False, True):
+        cache = DynamicCache()
+        cache.update(past[0].clone(), past[1].clone(), m.layer_idx)
+        undo: list = []
+        if swapped:
+            swap_forward(m, make_forward, undo)
+        try:
+            outs.append(_run_original(m, x, attention_mask=mask, cache=cache))
+        finally:
+            for fn in reversed(undo):
+                fn()
+        caches.append(cache.layers[m.layer_idx])
+        if not swapped:   # a decoder returning its cache after the context
+            n, _ = _FORMS[type(m)]
+            _FORMS[type(m)] = (n, len(outs[0]) == n + 1 and outs[0][-1] is cache)
+    if len(outs[1]) != len(outs[0]):
+        return False, "returns other items than its forward with a cache"
+    ok, err = agree(outs[1][0], outs[0][0], dtype)
+    same = ok and all(torch.equal(getattr(caches[0], n), getattr(caches[1], n)) for n in ("keys", "values"))
+    return same, "" if same else f"differs on a probe with a cache (err {err:.2g})"
+
+
 def check(m: nn.Module, device) -> tuple[bool, str]:
-    """Run the module's forward and the replacement on a probe; (agree, why not)."""
+    """Run the module's forward and the replacement on a probe (and on a decoding step through a
+    cache, where the forward takes one); (agree, why not)."""
     hidden = m.query.in_features
     dtype = m.query.weight.dtype
     x = probe_input((2, 5, hidden), None, dtype=dtype, device=device)
     mask = torch.zeros(2, 1, 1, 5, dtype=dtype, device=device)
     mask[1, ..., :2] = torch.finfo(dtype).min
     try:
+        want = _run_original(m, x, attention_mask=mask)
+        if not isinstance(want, tuple) or len(want) not in (1, 2) or not isinstance(want[0], torch.Tensor):
+            return False, "its forward does not return (context,) or (context, probabilities)"
+        _FORMS[type(m)] = (len(want), False)
         want, got = probe(m, make_forward, x, attention_mask=mask)
+        if len(got) != len(want):
+            return False, "returns other items than its forward"
+        ok, err = agree(got[0], want[0], dtype)
+        if not ok:
+            return False, f"differs on a probe (err {err:.2g})"
+        if "cache" in inspect.signature(type(m).forward).parameters and isinstance(getattr(m, "layer_idx", None), int):
+            return _cache_probe(m, x, device, dtype)
     except Exception as e:  # noqa: BLE001 - a module we can't call plainly is left alone
         return False, f"probe raised {type(e).__name__}: {e}"
-    if not isinstance(want, tuple) or len(want) != 2 or not isinstance(want[0], torch.Tensor):
-        return False, "its forward does not return (context, probabilities)"
-    ok, err = agree(got[0], want[0], dtype)
-    return ok, "" if ok else f"differs on a probe (err {err:.2g})"
+    return True, ""
 
 
 def details(m: nn.Module) -> dict:
