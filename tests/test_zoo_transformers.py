@@ -29,12 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "zoo_transformers.py"
 
 # family -> why it fails now (every kind it appears in)
-KNOWN_FAILURES = {
-    "blt": "left-padded batch: the padded row's real positions change (max diff 0.43) through both "
-           "routes, only with padding (none: 2e-6); transformers' own attn_implementation='sdpa' "
-           "changes them identically (LayerZero == sdpa): eager and SDPA treat blt's padding "
-           "differently, and LayerZero follows SDPA",
-}
+KNOWN_FAILURES: dict = {}
 
 # family -> why the harness cannot run it
 NOT_BUILT = {

@@ -104,14 +104,24 @@ def register_mask(masking_utils) -> None:
 _additive: dict = {}
 
 
+# Models whose outputs at real tokens read their padding positions' states (blt pools every byte
+# position, padding included, into its patches): a padding query, which attends to no key,
+# must come out as eager attention makes it (a uniform average over the keys, from the dtype's
+# minimum added everywhere), not as the zeros LayerZero (and an empty row's -inf) give. They
+# get eager's additive masks, like the models without SDPA support.
+PADDING_READERS = frozenset({"BltModel"})
+
+
 def mark_additive(model) -> None:
-    """Note the configs of `model` and its sub-models whose class lacks SDPA support: the mask
-    function gives them eager's additive masks (`causal_mask`), which LayerZero's attention takes."""
+    """Note the configs of `model` and its sub-models whose class lacks SDPA support or is a
+    PADDING_READERS class: the mask function gives them eager's additive masks (`causal_mask`),
+    which LayerZero's attention takes."""
     import weakref
 
     mu = sys.modules["transformers.modeling_utils"]
     for m in model.modules():
-        if isinstance(m, mu.PreTrainedModel) and not getattr(type(m), "_supports_sdpa", True):
+        if isinstance(m, mu.PreTrainedModel) and (not getattr(type(m), "_supports_sdpa", True)
+                                                  or type(m).__name__ in PADDING_READERS):
             for c in (m.config, *(getattr(m.config, k, None) for k in getattr(m.config, "sub_configs", {}) or {})):
                 if c is not None:
                     _additive[id(c)] = weakref.ref(c, lambda _r, k=id(c): _additive.pop(k, None))
