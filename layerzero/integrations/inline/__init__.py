@@ -29,7 +29,7 @@ import sys
 from ...patch import _param_device, swap_forward, watch
 
 # the forms known, in the order they are tried (first recognising one wins)
-STYLES = ("bert", "bart", "xlm", "gpt_neo", "openai_gpt", "bloom", "mpt", "falcon",
+STYLES = ("roformer", "convbert", "bert", "bart", "xlm", "gpt_neo", "openai_gpt", "bloom", "mpt", "falcon",
           "gpt_neox_japanese", "canine", "mpnet", "cpmant", "squeezebert", "lilt", "luke")
 
 
