@@ -3,7 +3,11 @@ EOS) with CUDA's sync debug mode raising during the replays, then the 1B llama s
 benchmarks/e2e_transformers.py, bf16, batch 1, 128 + 128 greedy tokens: first call (compile +
 capture) and steady tok/s. A diagnosis helper; benchmarks/e2e_generate.py is the benchmark.
 
-    PYTHONPATH=$PWD python3 scripts/generate_gpu_smoke.py
+    PYTHONPATH=$PWD python3 scripts/generate_gpu_smoke.py [--tiny-only]
+
+The tiny part also checks the graphed prefill: the 7-token prompts are left-padded to 64 and
+captured; a second generate with 5-token prompts (same bucket) reuses that graph; its replay
+runs under sync debug "error" (a sync inside would raise).
 """
 import copy
 import json
@@ -68,12 +72,35 @@ except (RuntimeError, AttributeError) as e:
 torch.cuda.set_sync_debug_mode(0)
 got2 = lz.generate(m, ids, attention_mask=mask, eos_token_id=eos, **gen)
 torch.cuda.CUDAGraph.replay = real_replay
+# the prefill's graph (7 tokens left-padded to 64): captured, replayed without a sync, and serving
+# another prompt length of its bucket (5 tokens) with transformers' tokens
+pf = {n: (e is not False) for n, e in loop.prefill_graphs.items()}
+short, short_mask = ids[:, 2:], mask[:, 2:]
+want3 = ref.generate(short, attention_mask=short_mask, eos_token_id=eos, **gen)
+got3 = lz.generate(m, short, attention_mask=short_mask, eos_token_id=eos, **gen)
+prefill_sync_ok = "no prefill graph"
+for entry in loop.prefill_graphs.values():
+    if entry is not False:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            entry[0].replay()   # a sync inside would raise
+            prefill_sync_ok = True
+        except RuntimeError as e:
+            prefill_sync_ok = f"{type(e).__name__}: {e}"
+        torch.cuda.set_sync_debug_mode(0)
 out["tiny"] = {"same_tokens": bool(torch.equal(got, want)) and bool(torch.equal(got2, want)),
                "shape": list(want.shape), "replays_second_call": len(replays) - 3,
-               "no_sync_in_replay": sync_ok}
+               "no_sync_in_replay": sync_ok, "prefill_graphs": pf,
+               "shorter_prompt_same_tokens": bool(torch.equal(got3, want3)),
+               "no_sync_in_prefill_replay": prefill_sync_ok,
+               "fallbacks": lz.metrics()["fallbacks"]}
 print("tiny:", out["tiny"], flush=True)
 if not torch.equal(got, want):
     print(want, got)
+if len(sys.argv) > 1 and sys.argv[1] == "--tiny-only":
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), "generate_gpu_smoke.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    sys.exit(0)
 
 # 1B, bf16, batch 1, 128 + 128
 shape = E.SHAPES["1b"]
