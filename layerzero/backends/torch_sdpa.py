@@ -202,8 +202,13 @@ def zero_empty_rows(out, mask):
 
 
 def _forced(backend):
+    """SDPA limited to one of its kernels. The fused ones take only q/k/v whose last dim is
+    contiguous (SDPA's gate, not the call's shape): such views (a fused projection's slices seen
+    through a transpose, say) are copied rather than sent to a kernel that refuses them."""
     def run(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_slopes, sinks,
             layout, causal_align):
+        if backend != SDPBackend.MATH:
+            q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
         with sdpa_kernel([backend]):
             return sdpa(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap,
                         alibi_slopes, sinks, layout, causal_align)
@@ -215,8 +220,9 @@ _FLASH_CPU_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attenti
 
 
 def _unit_stride(t):
-    """The CPU flash op reads each row of q/k/v as if its last dim were contiguous (torch 2.13:
-    errors up to 1e31 for a transposed buffer's view; SDPA's own gate refuses such inputs)."""
+    """t, copied if its last dim is not contiguous. The CPU flash op reads each row of q/k/v as
+    if it were (torch 2.13: errors up to 1e31 for a transposed buffer's view), and SDPA's gate
+    refuses such inputs to its fused CUDA kernels ("No available kernel")."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -485,6 +491,7 @@ def sdpa_efficient(q, k, v, attn_mask, is_causal, scale, dropout_p, window, soft
     """SDPA's memory-efficient kernel; on a torch whose kernel lacks GQA, K/V heads are repeated
     here (a copy of K/V) rather than letting SDPA drop to its math kernel."""
     head = 1 if layout == "bhsd" else 2
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)    # as _forced, for its gate
     if q.shape[head] != k.shape[head] and not _efficient_native_gqa(q.device.index or 0):
         rep = q.shape[head] // k.shape[head]
         k, v = k.repeat_interleave(rep, dim=head), v.repeat_interleave(rep, dim=head)

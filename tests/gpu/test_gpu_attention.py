@@ -283,3 +283,28 @@ def test_feature_calls_reach_a_fast_kernel():
         if (chosen == "reference.attention") != bool(listed):
             wrong.append(f"{chosen}: {desc}")
     assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("kernel", ["torch.sdpa_efficient", "torch.sdpa_flash", "torch.sdpa_cudnn"])
+def test_fused_sdpa_kernels_take_a_last_dim_that_is_not_contiguous(kernel):
+    """q/k/v whose last dim has a stride (a Conv1d's (B, C, S) output viewed as heads: squeezebert)
+    pass LayerZero's eligibility, which reads shapes only; SDPA's gate refuses them ("No
+    available kernel"), so the adapters copy such views instead of failing over to another kernel."""
+    info = {k.id: k for k in lz.kernels("attention")}[kernel]
+    if not info.available:
+        pytest.skip(f"{kernel} unavailable: {info.reason}")
+    g = torch.Generator(device="cuda").manual_seed(3)
+
+    def strided(*shape):   # (B, H, S, D) with stride(-1) == S
+        x = torch.randn(*shape[:2], shape[3], shape[2], generator=g, device="cuda", dtype=torch.bfloat16)
+        return x.transpose(-1, -2)
+
+    q, k, v = strided(2, 8, 128, 64), strided(2, 8, 128, 64), strided(2, 8, 128, 64)
+    assert q.stride(-1) != 1
+    lz.reset_metrics()
+    with lz.use(kernel):
+        out = lz.attention(q, k, v, is_causal=True)
+    torch.cuda.synchronize()
+    assert lz.metrics()["calls"].get("attention") == {kernel: 1}, lz.metrics()
+    assert not lz.metrics()["fallbacks"], lz.metrics()["fallbacks"]
+    assert check_rule(out, q, k, v, {"is_causal": True}) is None
