@@ -9,7 +9,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import backends as _backends  # noqa: F401  (registers the built-in kernels)
+from importlib import import_module as _import_module
+
+_import_module(f"{__name__}.backends")  # registers the built-in kernels
+
 from .control import configure, lock, unlock, use
 from .doctor import doctor
 from .generation import generate
@@ -24,15 +27,13 @@ from .telemetry import serve as metrics_server
 from .patch import auto_patch, patch, unpatch
 from .control import load_environment as _load_environment
 from . import compiled as _compiled, ops as _ops
-from .integrations import diffusers as _diffusers
-from .integrations import transformers as _transformers
-from .patch import when_imported as _when_imported
+from .patching.hooks import when_imported as _when_imported
 
 _load_environment()
-# Registrations with optional packages, made when (and only if) the user imports them.
-_when_imported("transformers.modeling_utils", _transformers.register_attention)
-_when_imported("transformers.masking_utils", _transformers.register_mask)
-_when_imported("diffusers.models.attention_dispatch", _diffusers.register_backend)
+# Registrations with optional packages, made when (and only if) the user imports them. The
+# integrations (transformers, diffusers) make theirs when imported, and register with lz.patch;
+# this is the one place in layerzero that imports them (the patching layers below never do).
+_import_module(f"{__name__}.integrations")
 _when_imported("torch._dynamo", lambda _m: _compiled.install(_ops.PUBLIC))
 
 __all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "register",

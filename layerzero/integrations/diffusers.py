@@ -23,8 +23,13 @@ registry backend also sees every keyword, because its supported-names set claims
 (diffusers #12605: the dispatcher drops keywords a backend does not name).
 
 Norms (diffusers' RMSNorm / LayerNorm / FP32LayerNorm, including those inside AdaLayerNorm*
-and attention q/k norms) are the generic ones of `layerzero.patch`; GEGLU / SwiGLU activation
-modules (`proj` -> chunk -> act(gate) * up) become `lz.geglu` / `lz.swiglu` after a probe.
+and attention q/k norms) are the generic ones of `layerzero.patching.norms`; GEGLU / SwiGLU
+activation modules (`proj` -> chunk -> act(gate) * up) become `lz.geglu` / `lz.swiglu` after a probe.
+
+Layer: top of the patching stack. Imports `layerzero.patching` (mechanics) and `layerzero.patch`
+(`patch` / `unpatch`, per pipeline component); registers itself with `lz.patch` when imported (the
+end of this module), which `layerzero.integrations` does on `import layerzero`. Nothing in
+`layerzero` below it imports it.
 """
 from __future__ import annotations
 
@@ -39,10 +44,14 @@ import torch
 from torch import nn
 
 from .. import ops, reference, telemetry
-from ..patch import (META, Item, Report, _param_device, _Record, _records, _run_original, agree,
-                     global_uses, observe, probe_input, rebound_function, set_attr, swap_forward, watch)
 from ..patch import patch as lz_patch
 from ..patch import unpatch as lz_unpatch
+from ..patching.frameworks import register_integration
+from ..patching.hooks import when_imported
+from ..patching.probes import META, agree, param_device, probe_input, run_original
+from ..patching.rebind import global_uses, rebound_function
+from ..patching.record import Item, Record, Report, records
+from ..patching.swap import observe, set_attr, swap_forward, watch
 
 log = logging.getLogger("layerzero")
 NAME = "layerzero"
@@ -210,7 +219,7 @@ def _rotary_agrees(original) -> bool:
     return True
 
 
-# ---- the "layerzero" backend in diffusers' registry (post-import hook) ------------------------
+# ---- the "layerzero" backend in diffusers' registry (post-import hook, set at the end) ---------
 
 class _EveryName(frozenset):
     """The supported-argument set diffusers filters keywords by: it contains every name, so the
@@ -413,13 +422,13 @@ def _patch_glu(name: str, act: nn.Module, report, undo) -> str | None:
     or second, SiLU or GELU); None if patched, else why not."""
     cls = type(act).__name__
     proj = act.proj
-    device = _param_device(act)
+    device = param_device(act)
     if device is None:
         return f"{cls}: {META}"
     dtype = proj.weight.dtype
     x = probe_input((2, 3, proj.in_features), None, dtype=dtype, device=device)
     try:
-        got = _run_original(act, x)
+        got = run_original(act, x)
         with torch.no_grad():
             cands = [(op, a, up_first, _glu_forward(up_first, _gate_op(op, a, True))(None)(act, x))
                      for op, a in _GLU_FORMS for up_first in (True, False)]
@@ -487,7 +496,7 @@ def owns(model) -> bool:
 
 
 def patch_model(model, report, undo, options) -> None:
-    """The diffusers-specific part of lz.patch (norms come from layerzero.patch): attention and
+    """The diffusers-specific part of lz.patch (norms come from layerzero.patching): attention and
     RoPE inside attention processors, gated activations of feed-forwards."""
     register_backend()
     if options["attention"] or options["rope"]:
@@ -518,7 +527,7 @@ def patch_pipeline(pipe, *, attention: bool = True, norm: bool = True, rope: boo
     for flag, v in options.items():
         if not isinstance(v, bool):
             raise TypeError(f"{flag} must be a bool, got {type(v).__name__}")
-    rec = _records.get(pipe)
+    rec = records.get(pipe)
     if rec is not None:
         if rec.report.options == options:
             return rec.report
@@ -548,7 +557,7 @@ def patch_pipeline(pipe, *, attention: bool = True, norm: bool = True, rope: boo
             c = r()
             if c is not None:
                 lz_unpatch(c)
-    _records[pipe] = _Record(report, [unpatch_components])
+    records[pipe] = Record(report, [unpatch_components])
     log.info("%s", report)
     return report
 
@@ -559,3 +568,10 @@ def patch_diffusers(obj, *, attention: bool = True, norm: bool = True, rope: boo
     if is_pipeline(obj):
         return patch_pipeline(obj, attention=attention, norm=norm, rope=rope, mlp=mlp)
     return lz_patch(obj, attention=attention, norm=norm, rope=rope, mlp=mlp)
+
+
+# ---- registration, on import -------------------------------------------------------------------
+
+register_integration("diffusers", owns=owns, patch_model=patch_model, is_pipeline=is_pipeline,
+                     patch_pipeline=patch_pipeline)
+when_imported("diffusers.models.attention_dispatch", register_backend)

@@ -2,12 +2,13 @@
 
 - `attn_implementation="layerzero"`: `import layerzero` registers `attention_forward` with
   `AttentionInterface` and transformers' SDPA mask function with `AttentionMaskInterface` under
-  that name, through post-import hooks (transformers is never imported by LayerZero itself).
+  that name, through post-import hooks set when this module is imported (transformers is never
+  imported by LayerZero itself).
 - `lz.patch(model)`: switches the model's attention to "layerzero", gives each module calling its
   modeling module's `apply_rotary_pos_emb` a forward reading `lz.rope`'s version instead (on the
   instance: the module-level function, shared by the family, is never reassigned) and swaps MoE
   experts' `_apply_gate` for `lz.swiglu`/`geglu` (norms and dense gated MLPs are generic, in
-  `layerzero.patch`).
+  `layerzero.patching`).
 - `attn_implementation="layerzero"` on a model whose attention is inline: a ValueError saying what
   to do instead (`inline_attention`).
 - `lz.auto_patch()`: `from_pretrained` / `from_config` return patched models.
@@ -15,6 +16,11 @@
 Everything here is recognised by structure (an attention module is one whose forward calls
 `ALL_ATTENTION_FUNCTIONS`; RoPE is the module-level `apply_rotary_pos_emb` transformers looks up at
 call time) and checked on a probe before it is patched.
+
+Layer: top of the patching stack. Imports `layerzero.patching` (mechanics, recognisers) and
+`layerzero.patch` (`auto_patch_model`); registers itself with `lz.patch` when imported (the end
+of this module), which `layerzero.integrations` does on `import layerzero`. Nothing in
+`layerzero` below it imports it; `layerzero.integrations.inline` is its part.
 """
 from __future__ import annotations
 
@@ -30,13 +36,19 @@ import warnings
 import torch
 
 from .. import ops, reference, telemetry
-from ..patch import (META, Item, _param_device, activation_op, agree, auto_patch_model, global_names,
-                     observe, probe_input, set_attr, swap_forward, watch, with_globals)
+from ..patch import auto_patch_model
+from ..patching.frameworks import register_integration
+from ..patching.hooks import when_imported
+from ..patching.mlps import activation_op
+from ..patching.probes import META, agree, param_device, probe_input
+from ..patching.rebind import global_names, with_globals
+from ..patching.record import Item
+from ..patching.swap import observe, set_attr, swap_forward, watch
 
 log = logging.getLogger("layerzero")
 NAME = "layerzero"
 
-# ---- registration (post-import hooks, see layerzero/__init__.py) -------------------------------
+# ---- registration with transformers (post-import hooks, set at the end of this module) --------
 
 
 def register_attention(modeling_utils) -> None:
@@ -612,10 +624,10 @@ def _patch_experts(model, report, undo) -> None:
             report.add(name, "experts", "skipped", detail=f"{cls}: activation is neither SiLU nor GELU")
             continue
         op, kw = found
-        if p is not None and _param_device(m) is None:
+        if p is not None and param_device(m) is None:
             report.add(name, "experts", "skipped", detail=f"{cls}: {META}")
             continue
-        x = probe_input((5, 16), p, device=_param_device(m))
+        x = probe_input((5, 16), p, device=param_device(m))
         try:
             with torch.no_grad():
                 got = gate(x)
@@ -713,3 +725,19 @@ def remove_auto_patch() -> None:
     for name, (cls, raw) in list(_saved.items()):
         setattr(cls, name, raw)
     _saved.clear()
+
+
+def set_auto_patch(on: bool) -> None:
+    """`lz.auto_patch` on: wrap the builders (now, or once transformers is imported); off: unwrap."""
+    if on:
+        when_imported("transformers.modeling_utils", install_auto_patch)
+    elif "transformers.modeling_utils" in sys.modules:
+        remove_auto_patch()
+
+
+# ---- registration, on import -------------------------------------------------------------------
+
+register_integration("transformers", owns=owns, patch_model=patch_model, interface_items=interface_items,
+                     auto_patch=set_auto_patch)
+when_imported("transformers.modeling_utils", register_attention)
+when_imported("transformers.masking_utils", register_mask)

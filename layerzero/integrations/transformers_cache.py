@@ -14,6 +14,9 @@ Only the patched model's calls take it: `DynamicLayer.update`, a class attribute
 model, is never reassigned. The patched model's causal attention modules get a forward that,
 before running, gives the cache layer they are about to fill (a fresh, uninitialised
 `DynamicLayer`) this update as an instance attribute, which removes itself on its one call.
+
+Part of the transformers integration (`patch_model` imports it on first use); uses only
+`layerzero.patching.swap` of the patching machinery.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import types
 import torch
 
 from ..backends._gpu import eager
-from ..patch import swap_forward
+from ..patching.swap import swap_forward
 
 
 def owns_storage(t: torch.Tensor) -> bool:
