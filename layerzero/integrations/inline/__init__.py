@@ -9,8 +9,9 @@ supplies:
     recognised(m)        does module `m` have this form? (structure only: attributes, signature)
     make_forward(orig)   the replacement forward (self, *args, **kwargs): `lz.attention` for the
                          calls it can run exactly, `orig(*args, **kwargs)` for any other call
-    check(m, device)     (ok, why not): both forwards on a probe (`patch.probe`), compared with
-                         `patch.agree`, as norms and MLPs are checked before they are swapped
+    check(m, device)     (ok, why not): both forwards on a probe (`patching.probes.probe`),
+                         compared with `patching.probes.agree`, as norms and MLPs are checked
+                         before they are swapped
     details(m)           the report's detail ({"op": "attention", "num_heads": .., ...})
     attach(model, name, m, undo)   optional, after the swap: what else the replacement needs
                          from around the module (undone with the rest by `lz.unpatch`)
@@ -19,14 +20,15 @@ supplies:
 
 `patch_inline` swaps each module a style recognises and whose check passes, and reports every
 recognised module once (patched, or skipped with the reason). This layer sits above the patching
-mechanics of `layerzero.patch` (swaps, undo, probes) and below the transformers integration.
+mechanics of `layerzero.patching` (swaps, undo, probes) and below the transformers integration.
 """
 from __future__ import annotations
 
 import importlib
 import sys
 
-from ...patch import _param_device, swap_forward, watch
+from ...patching.probes import param_device
+from ...patching.swap import swap_forward, watch
 
 # the forms known, in the order they are tried (first recognising one wins)
 STYLES = ("roformer", "convbert", "bert", "bart", "xlm", "gpt_neo", "openai_gpt", "bloom", "mpt", "falcon",
@@ -66,7 +68,7 @@ def patch_inline(model, report, undo, skip=frozenset()) -> dict:
         style = next((s for s in known if s.recognised(m)), None)
         if style is None:
             continue
-        device = _param_device(m)
+        device = param_device(m)
         done[name] = False
         if device is None:
             report.add(name, "attention", "skipped", detail=f"{type(m).__name__}: weights not loaded (meta)")
