@@ -27,7 +27,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-from ...patching.probes import param_device
+import torch
+
+from ...patching.probes import agree, param_device, probe
 from ...patching.swap import swap_forward, watch
 
 # the forms known, in the order they are tried (first recognising one wins)
@@ -46,6 +48,20 @@ def attentions_recorded() -> bool:
     var = getattr(sys.modules.get("transformers.utils.output_capturing"), "_active_collector", None)
     collected = var.get() if var is not None else None
     return bool(collected) and any(k.endswith("attentions") for k in collected)
+
+
+def probe_tuple(m, make_forward, n: int, returns: str, dtype, x, **kwargs) -> tuple[bool, str]:
+    """The `check` of a form whose forward returns an n-tuple led by the output: both forwards on
+    probe input `x` (and `kwargs`), the outputs compared with `agree`; (ok, why not). `returns`
+    names the tuple in the reason when the module's forward returns something else."""
+    try:
+        want, got = probe(m, make_forward, x, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a module we can't call plainly is left alone
+        return False, f"probe raised {type(e).__name__}: {e}"
+    if not isinstance(want, tuple) or len(want) != n or not isinstance(want[0], torch.Tensor):
+        return False, f"its forward does not return {returns}"
+    ok, err = agree(got[0], want[0], dtype)
+    return ok, "" if ok else f"differs on a probe (err {err:.2g})"
 
 
 def recognise(m):

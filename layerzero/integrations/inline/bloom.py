@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import ops
-from ...patch import agree, observe, probe, probe_input
+from ...patch import observe, probe_input
+from . import probe_tuple
 
 DESCRIPTION = "inline BLOOM-style attention (fused QKV, ALiBi)"
 
@@ -90,14 +91,7 @@ def check(m: nn.Module, device) -> tuple[bool, str]:
     mask = torch.full((s, s), torch.finfo(dtype).min, dtype=dtype, device=device).triu(1)
     mask = mask.expand(b, 1, s, s).clone()
     mask[1, ..., 1] = torch.finfo(dtype).min   # a padded key (no row left without a key)
-    try:
-        want, got = probe(m, make_forward, x, residual=residual, alibi=alibi, attention_mask=mask)
-    except Exception as e:  # noqa: BLE001 - a module we can't call plainly is left alone
-        return False, f"probe raised {type(e).__name__}: {e}"
-    if not isinstance(want, tuple) or len(want) != 2 or not isinstance(want[0], torch.Tensor):
-        return False, "its forward does not return (output, probabilities)"
-    ok, err = agree(got[0], want[0], dtype)
-    return ok, "" if ok else f"differs on a probe (err {err:.2g})"
+    return probe_tuple(m, make_forward, 2, "(output, probabilities)", dtype, x, residual=residual, alibi=alibi, attention_mask=mask)
 
 
 def details(m: nn.Module) -> dict:

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ... import ops
-from ...patch import agree, probe, probe_input
+from ...patch import probe_input
+from . import probe_tuple
 
 DESCRIPTION = "inline CPM-Ant-style attention (position bias, cache)"
 
@@ -97,14 +98,7 @@ def check(m: nn.Module, device) -> tuple[bool, str]:
     mask = torch.ones(5, 5, dtype=torch.bool, device=device).tril().repeat(2, 1, 1)
     mask[1, :2, :] = False   # left padding: padded queries see nothing, real ones skip them
     mask[1, :, :2] = False
-    try:
-        want, got = probe(m, make_forward, x, hidden_kv=x, attention_mask=mask, position_bias=bias)
-    except Exception as e:  # noqa: BLE001 - a module we can't call plainly is left alone
-        return False, f"probe raised {type(e).__name__}: {e}"
-    if not isinstance(want, tuple) or len(want) != 2 or not isinstance(want[0], torch.Tensor):
-        return False, "its forward does not return (output, probabilities)"
-    ok, err = agree(got[0], want[0], dtype)
-    return ok, "" if ok else f"differs on a probe (err {err:.2g})"
+    return probe_tuple(m, make_forward, 2, "(output, probabilities)", dtype, x, hidden_kv=x, attention_mask=mask, position_bias=bias)
 
 
 def details(m: nn.Module) -> dict:

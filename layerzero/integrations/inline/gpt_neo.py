@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from ... import ops
-from ...patch import agree, probe, probe_input
+from ...patch import probe_input
+from . import probe_tuple
 
 DESCRIPTION = "inline GPT-Neo self-attention"
 
@@ -142,14 +143,7 @@ def check(m: nn.Module, device) -> tuple[bool, str]:
     x = probe_input((2, s, m.q_proj.in_features), None, dtype=dtype, device=device)
     mask = torch.zeros(2, 1, 1, s, dtype=dtype, device=device)
     mask[1, ..., s - s // 3:] = torch.finfo(dtype).min
-    try:
-        want, got = probe(m, make_forward, x, attention_mask=mask)
-    except Exception as e:  # noqa: BLE001 - a module we can't call plainly is left alone
-        return False, f"probe raised {type(e).__name__}: {e}"
-    if not isinstance(want, tuple) or len(want) != 2 or not isinstance(want[0], torch.Tensor):
-        return False, "its forward does not return (output, probabilities)"
-    ok, err = agree(got[0], want[0], dtype)
-    return ok, "" if ok else f"differs on a probe (err {err:.2g})"
+    return probe_tuple(m, make_forward, 2, "(output, probabilities)", dtype, x, attention_mask=mask)
 
 
 def details(m: nn.Module) -> dict:

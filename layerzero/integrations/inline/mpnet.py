@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ... import ops
-from ...patch import agree, probe, probe_input
+from ...patch import probe_input
+from . import probe_tuple
 
 DESCRIPTION = "inline MPNet-style self-attention (relative position bias)"
 
@@ -84,14 +85,7 @@ def check(m: nn.Module, device) -> tuple[bool, str]:
     bias = probe_input((2, h, 5, 5), None, dtype=dtype, device=device).flip(-1)
     mask = torch.zeros(2, 1, 1, 5, dtype=dtype, device=device)
     mask[1, ..., :2] = torch.finfo(dtype).min
-    try:
-        want, got = probe(m, make_forward, x, attention_mask=mask, position_bias=bias)
-    except Exception as e:  # noqa: BLE001 - a module we can't call plainly is left alone
-        return False, f"probe raised {type(e).__name__}: {e}"
-    if not isinstance(want, tuple) or len(want) != 1 or not isinstance(want[0], torch.Tensor):
-        return False, "its forward does not return (output,)"
-    ok, err = agree(got[0], want[0], dtype)
-    return ok, "" if ok else f"differs on a probe (err {err:.2g})"
+    return probe_tuple(m, make_forward, 1, "(output,)", dtype, x, attention_mask=mask, position_bias=bias)
 
 
 def details(m: nn.Module) -> dict:

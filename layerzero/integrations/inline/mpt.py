@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ... import ops
-from ...patch import agree, observe, probe, probe_input
+from ...patch import observe, probe_input
+from . import probe_tuple
 
 DESCRIPTION = "inline MPT-style attention (fused Wqkv, ALiBi)"
 
@@ -99,14 +100,7 @@ def check(m: nn.Module, device) -> tuple[bool, str]:
     bias = probe_input((m.n_heads, 1, s + 3), None, dtype=torch.float32, device=device)
     mask = torch.ones(s, s, dtype=torch.bool, device=device).triu(1).expand(b, 1, s, s).clone()
     mask[1, ..., 1] = True     # a padded key (no row left without a key)
-    try:
-        want, got = probe(m, make_forward, x, position_bias=bias, attention_mask=mask)
-    except Exception as e:  # noqa: BLE001 - a module we can't call plainly is left alone
-        return False, f"probe raised {type(e).__name__}: {e}"
-    if not isinstance(want, tuple) or len(want) != 2 or not isinstance(want[0], torch.Tensor):
-        return False, "its forward does not return (output, probabilities)"
-    ok, err = agree(got[0], want[0], dtype)
-    return ok, "" if ok else f"differs on a probe (err {err:.2g})"
+    return probe_tuple(m, make_forward, 2, "(output, probabilities)", dtype, x, position_bias=bias, attention_mask=mask)
 
 
 def attach(model: nn.Module, name: str, m: nn.Module, undo: list) -> None:

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from ... import ops
-from ...patch import agree, probe, probe_input
+from ...patch import probe_input
+from . import probe_tuple
 
 DESCRIPTION = "inline XLM-style multi-head attention"
 
@@ -93,14 +94,7 @@ def check(m: nn.Module, device) -> tuple[bool, str]:
     x = probe_input((2, 5, m.q_lin.in_features), None, dtype=dtype, device=device)
     mask = torch.ones(2, 5, dtype=torch.bool, device=device)
     mask[1, :2] = False
-    try:
-        want, got = probe(m, make_forward, x, mask=mask)
-    except Exception as e:  # noqa: BLE001 - a module we can't call plainly is left alone
-        return False, f"probe raised {type(e).__name__}: {e}"
-    if not isinstance(want, tuple) or len(want) != 1 or not isinstance(want[0], torch.Tensor):
-        return False, "its forward does not return (output,)"
-    ok, err = agree(got[0], want[0], dtype)
-    return ok, "" if ok else f"differs on a probe (err {err:.2g})"
+    return probe_tuple(m, make_forward, 1, "(output,)", dtype, x, mask=mask)
 
 
 def details(m: nn.Module) -> dict:
