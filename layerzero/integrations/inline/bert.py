@@ -129,9 +129,10 @@ def make_forward(original):
     return forward
 
 
-def _cache_probe(m: nn.Module, x, device, dtype) -> tuple[bool, str]:
-    """Both forwards on a decoding step: a DynamicCache holding 3 earlier positions (one copy
-    each), the probe's 5 new ones; outputs and the caches' keys/values must agree."""
+def decode_step(m: nn.Module, make_forward, x, dtype, device, after_original=None, **kwargs):
+    """(outputs, caches) of the module's forward and then of `make_forward`'s on a decoding step:
+    a DynamicCache holding 3 earlier positions (one copy for each run), the probe's 5 new ones, a
+    padding mask over the 8 keys and `kwargs`. `after_original(out, cache)` runs between the two."""
     from transformers.cache_utils import DynamicCache
 
     h, d = m.num_attention_heads, m.attention_head_size
@@ -146,18 +147,29 @@ def _cache_probe(m: nn.Module, x, device, dtype) -> tuple[bool, str]:
         if swapped:
             swap_forward(m, make_forward, undo)
         try:
-            outs.append(_run_original(m, x, attention_mask=mask, cache=cache))
+            outs.append(_run_original(m, x, attention_mask=mask, cache=cache, **kwargs))
         finally:
             for fn in reversed(undo):
                 fn()
-        caches.append(cache.layers[m.layer_idx])
-        if not swapped:   # a decoder returning its cache after the context
-            n, _ = _FORMS[type(m)]
-            _FORMS[type(m)] = (n, len(outs[0]) == n + 1 and outs[0][-1] is cache)
+        caches.append(cache)
+        if not swapped and after_original is not None:
+            after_original(outs[0], cache)
+    return outs, caches
+
+
+def _cache_probe(m: nn.Module, x, device, dtype) -> tuple[bool, str]:
+    """Both forwards on a decoding step (`decode_step`); outputs and the caches' keys/values
+    must agree."""
+    def note_form(out, cache):   # a decoder returning its cache after the context
+        n, _ = _FORMS[type(m)]
+        _FORMS[type(m)] = (n, len(out) == n + 1 and out[-1] is cache)
+
+    outs, caches = decode_step(m, make_forward, x, dtype, device, note_form)
     if len(outs[1]) != len(outs[0]):
         return False, "returns other items than its forward with a cache"
     ok, err = agree(outs[1][0], outs[0][0], dtype)
-    same = ok and all(torch.equal(getattr(caches[0], n), getattr(caches[1], n)) for n in ("keys", "values"))
+    layers = [c.layers[m.layer_idx] for c in caches]
+    same = ok and all(torch.equal(getattr(layers[0], n), getattr(layers[1], n)) for n in ("keys", "values"))
     return same, "" if same else f"differs on a probe with a cache (err {err:.2g})"
 
 

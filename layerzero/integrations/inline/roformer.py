@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from ... import ops
-from ...patch import _run_original, agree, observe, probe, probe_input, swap_forward
+from ...patch import agree, observe, probe, probe_input
 from . import attentions_recorded
-from .bert import _plain, _self_cache
+from .bert import _plain, _self_cache, decode_step
 
 DESCRIPTION = "inline RoFormer-style self-attention (rotary)"
 ROPE = True   # q/k (and v with rotary_value) rotate through lz.rope inside the replacement
@@ -111,30 +111,13 @@ def _sinusoidal(n: int, d: int, start: int, dtype, device) -> torch.Tensor:
 
 
 def _cache_probe(m: nn.Module, x, device, dtype) -> tuple[bool, str]:
-    """Both forwards on a decoding step: a DynamicCache holding 3 earlier positions, the probe's 5
-    new ones (positions 3..7); outputs and the caches' keys/values must agree."""
-    from transformers.cache_utils import DynamicCache
-
-    h, d = m.num_attention_heads, m.attention_head_size
-    past = [probe_input((2, h, 3, d), None, dtype=dtype, device=device) * s for s in (1.0, 0.5)]
-    mask = torch.zeros(2, 1, 5, 8, dtype=dtype, device=device)
-    mask[1, ..., :2] = torch.finfo(dtype).min
-    pos = _sinusoidal(5, d, 3, dtype, device)
-    outs, caches = [], []
-    for swapped in (False, True):
-        cache = DynamicCache()
-        cache.update(past[0].clone(), past[1].clone(), m.layer_idx)
-        undo: list = []
-        if swapped:
-            swap_forward(m, make_forward, undo)
-        try:
-            outs.append(_run_original(m, x, attention_mask=mask, sinusoidal_pos=pos, cache=cache))
-        finally:
-            for fn in reversed(undo):
-                fn()
-        caches.append(cache.layers[m.layer_idx])
+    """Both forwards on a decoding step (`bert.decode_step`, the probe's 5 new tokens at positions
+    3..7); outputs and the caches' keys/values must agree."""
+    pos = _sinusoidal(5, m.attention_head_size, 3, dtype, device)
+    outs, caches = decode_step(m, make_forward, x, dtype, device, sinusoidal_pos=pos)
     ok, err = agree(outs[1][0], outs[0][0], dtype)
-    same = ok and all(agree(getattr(caches[1], n), getattr(caches[0], n), dtype)[0] for n in ("keys", "values"))
+    layers = [c.layers[m.layer_idx] for c in caches]
+    same = ok and all(agree(getattr(layers[1], n), getattr(layers[0], n), dtype)[0] for n in ("keys", "values"))
     return same, "" if same else f"differs on a probe with a cache (err {err:.2g})"
 
 
