@@ -28,9 +28,11 @@ when it is traced, not on every replay.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
+import threading
 from typing import Any, Callable
 
 import torch
@@ -41,6 +43,21 @@ from .call import device_sm
 log = logging.getLogger("layerzero")
 _installed = False
 TRACED = frozenset({"traced"})   # in a traced call's CallSpec (see backends.priorities.reference)
+_local = threading.local()        # .flags: what `trace_flags` adds to traced calls' CallSpecs
+
+
+@contextlib.contextmanager
+def trace_flags(*flags: str):
+    """Within the block (this thread), the CallSpec of every call traced by torch.compile also
+    carries `flags`: what the caller knows about the graph being traced that the call's own
+    arguments don't say (e.g. lz.generate's "matvec", backends.priorities.reference). Flags are
+    part of the spec, so selection stays a pure, cached function of it."""
+    old = getattr(_local, "flags", frozenset())
+    _local.flags = old | frozenset(flags)
+    try:
+        yield
+    finally:
+        _local.flags = old
 
 
 def _meta(v: Any) -> Any:
@@ -79,7 +96,8 @@ def _choose(op: str, args: tuple, kwargs: tuple, grad: bool) -> str:
                 vals.append(m)
         with torch.set_grad_enabled(grad):
             spec = ops.DESCRIBE[op](*vals)
-        spec = spec._replace(device=device.type, sm=device_sm(device), flags=spec.flags | TRACED)
+        flags = spec.flags | TRACED | getattr(_local, "flags", frozenset())
+        spec = spec._replace(device=device.type, sm=device_sm(device), flags=flags)
         d = dispatch.decide(spec)
         if d.error:
             raise ValueError(d.error)

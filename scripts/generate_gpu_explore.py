@@ -7,7 +7,9 @@ in this one process (dynamo reset and the model's loops dropped between variants
             kernel time per step by kernel (torch.profiler over replays)
 Variants of the step (--steps): cdt (inductor's coordinate-descent tuning: generation's
 COMPILE_OPTIONS, the default at batch 1), plain (no inductor options: COMPILE_OPTIONS_BATCHED,
-the default for larger batches). The batch-1 loop's replay profile is also in the output.
+the default for larger batches), cdt-opaque (cdt with rms_norm and swiglu locked to LayerZero's
+Triton kernels, custom ops inductor cannot fuse into the matrix-vector reductions that follow),
+cdt-opaque-rope (rope too). The batch-1 loop's replay profile is also in the output.
 
     PYTHONPATH=$PWD python3 scripts/generate_gpu_explore.py --batch 1 8 --steps cdt plain --json $OUT/x.json
 """
@@ -31,7 +33,7 @@ from layerzero import generation  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int, nargs="+", default=[1])
-ap.add_argument("--steps", nargs="*", default=["cdt"], choices=["cdt", "plain"])
+ap.add_argument("--steps", nargs="*", default=["cdt"], choices=["cdt", "plain", "cdt-opaque", "cdt-opaque-rope"])
 ap.add_argument("--ttft", action="store_true")
 ap.add_argument("--rows", type=int, default=14)
 ap.add_argument("--json", default="")
@@ -123,8 +125,15 @@ for b in args.batch:
         fresh()
         for opts in (generation.COMPILE_OPTIONS, generation.COMPILE_OPTIONS_BATCHED):
             opts.clear()
-            if variant == "cdt":
+            if variant.startswith("cdt"):
                 opts.update(CDT)
+        for op in ("rms_norm", "swiglu", "rope"):
+            lz.unlock(op)
+        if variant.startswith("cdt-opaque"):       # LayerZero's Triton kernels: opaque to inductor
+            lz.lock("rms_norm", "triton.rms_norm")
+            lz.lock("swiglu", "triton.swiglu")
+            if variant.endswith("rope"):
+                lz.lock("rope", "triton.rope")
         lz.reset_metrics()
         try:
             _, first = timed(lambda: gen(ids, 128))

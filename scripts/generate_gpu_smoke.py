@@ -47,7 +47,8 @@ if loop.graph is False:  # the capture failed: show why
     import traceback
     loop.graph = None
     try:
-        loop._capture()
+        with torch.no_grad():            # as lz.generate runs it
+            loop._capture()
     except Exception:
         print("\n".join(traceback.format_exc().splitlines()[-60:]))
     print("kernels:", lz.metrics()["calls"])

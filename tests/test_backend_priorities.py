@@ -290,3 +290,40 @@ def test_a_compiled_call_is_described_as_traced():
     torch.testing.assert_close(out, reference.rms_norm(x, w))
     assert "reference.rms_norm" in lz.metrics()["calls"]["rms_norm"]
     assert "traced" in compiled.TRACED
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "rope", "swiglu", "geglu"])
+def test_a_matvec_graph_takes_the_opaque_triton_kernels(monkeypatch, op):
+    """lz.generate's batch-1 step is traced with the flag "matvec" (inductor turns its products
+    into reductions and would fuse a norm or gate into every program of the one that reads it):
+    there LayerZero's Triton custom ops go first on CUDA; elsewhere (no flag, or CPU) nothing
+    changes."""
+    pretend_available(monkeypatch)
+    rows = dict(batch=1, head_dim=2048)
+    if op == "rope":
+        rows = dict(batch=1, num_heads=32, num_kv_heads=8, seq_len_q=1, seq_len_k=1, head_dim=64)
+    traced = CallSpec(op, "cuda", 90, torch.bfloat16, flags=frozenset({"traced"}), **rows)
+    matvec = traced._replace(flags=traced.flags | {"matvec"})
+    kernels = registry.op_kernels(op)
+    assert select(traced, kernels, Policy()).chosen == f"reference.{op}"
+    assert select(matvec, kernels, Policy()).chosen == f"triton.{op}"
+    cpu = matvec._replace(device="cpu", sm=0)
+    assert select(cpu, kernels, Policy()).chosen == select(traced._replace(device="cpu", sm=0), kernels,
+                                                           Policy()).chosen
+
+
+def test_trace_flags_reach_the_spec_of_calls_traced_inside_the_block(monkeypatch):
+    from layerzero import compiled, dispatch
+
+    seen = []
+    real = dispatch.decide
+    monkeypatch.setattr(dispatch, "decide", lambda spec: seen.append(spec.flags) or real(spec))
+    x, w = torch.randn(4, 64), torch.randn(64)
+    torch._dynamo.reset()
+    with compiled.trace_flags("matvec"):
+        torch.compile(lambda x, w: lz.rms_norm(x, w), backend="eager", fullgraph=True)(x, w)
+    assert seen and all({"traced", "matvec"} <= f for f in seen)
+    seen.clear()
+    torch._dynamo.reset()
+    torch.compile(lambda x, w: lz.rms_norm(x, w) * 2, backend="eager", fullgraph=True)(x, w)
+    assert seen and all("traced" in f and "matvec" not in f for f in seen)

@@ -124,9 +124,12 @@ if dev:
 
 # With a residual the fused kernel does 2 reads + 2 writes where torch does 3 + 2: it comes
 # first there; without one, Liger's tuned kernel does (see priorities.by_size for small tensors).
-register("rms_norm", "triton.rms_norm", rms_norm, priority=priorities.by_size(58, 44, min_elems=1 << 23, residual=62),
+# All four come first in a traced "matvec" graph (lz.generate's batch-1 step): priorities.MATVEC_OPAQUE.
+_matvec = priorities.opaque_in_matvec
+register("rms_norm", "triton.rms_norm", rms_norm,
+         priority=_matvec(priorities.by_size(58, 44, min_elems=1 << 23, residual=62)),
          supports=supports_rms, requires=(_IMPL,))
-register("rope", "triton.rope", rope, priority=priorities.gpu_only(60), supports=supports_rope,
+register("rope", "triton.rope", rope, priority=_matvec(priorities.gpu_only(60)), supports=supports_rope,
          requires=(_IMPL,))
 # One pass (2 reads, 1 write) where torch's form is two kernels (silu, then the product: 3 reads,
 # 2 writes). H100 (benchmarks/results/kernels_micro_h100.txt), us GPU / host: 2048x8192 bf16
@@ -134,7 +137,7 @@ register("rope", "triton.rope", rope, priority=priorities.gpu_only(60), supports
 # decode row (1x8192) is host time only: torch's two launches 22 us a call, this one 31. So it
 # comes first from 8M elements (where torch's two passes take longer on the GPU than its launches
 # on the host); below, torch's form (priority 0) does.
-_gated_priority = priorities.by_size(62, -1, min_elems=1 << 23)
+_gated_priority = _matvec(priorities.by_size(62, -1, min_elems=1 << 23))
 register("swiglu", "triton.swiglu", swiglu, priority=_gated_priority, supports=supports_swiglu,
          requires=(_IMPL,))
 register("geglu", "triton.geglu", geglu, priority=_gated_priority, supports=supports_geglu,
