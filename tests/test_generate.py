@@ -240,3 +240,21 @@ def test_graphed_prefill_pads_the_prompt_to_its_bucket(monkeypatch, caplog):
     assert sum("capturing the prefill of 64 tokens" in r.getMessage() for r in caplog.records) == 1
     (loop,) = lzgen._LOOPS[model].values()
     assert list(loop.prefill_graphs) == [lzgen.PREFILL_BUCKET] and loop.prefill_graphs[64] is False
+
+
+def test_traced_greedy_sampling_takes_the_first_maximum_in_two_stages():
+    """Traced, lz.sample(temperature=0) reduces blocks of the row first (inductor runs a plain
+    argmax over a long row in one program); the token is argmax's, ties to the first index."""
+    from layerzero import reference
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    v = 5 * reference.ARGMAX_BLOCK + 37                       # padded to whole blocks
+    logits = torch.randint(0, 50, (4, v), generator=g).float()
+    logits[1, 7] = logits[1, v - 1] = 99.0                    # a tie: the first one wins
+    logits[2, v - 1] = 99.0                                   # the maximum in the padded block
+    logits[3] = -float("inf")
+    traced = torch.compile(lambda x: lz.sample(x, temperature=0.0), backend="eager", fullgraph=True)
+    got = traced(logits)
+    assert torch.equal(got, logits.argmax(dim=-1))
+    assert got.tolist()[1:] == [7, v - 1, 0]
