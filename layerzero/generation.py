@@ -73,6 +73,8 @@ COMPILE_OPTIONS_BATCHED: dict = {}
 # (backends.priorities.MATVEC_OPAQUE; H200, 1B: 1.28 -> 1.08 ms a step).
 TRACE_FLAGS = ("matvec",)
 TRACE_FLAGS_BATCHED: tuple = ()
+# Graphed (CUDA) steps run sibling projections as one product: q/k/v and gate/up (patching.siblings).
+FUSE_SIBLINGS = True
 _LOOPS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _logged: set = set()
 
@@ -539,6 +541,22 @@ def _buckets(device, plan: _Plan) -> bool:
     return device.type == "cuda" and not plan.stepwise
 
 
+def _fuse_siblings(model) -> None:
+    """Sibling projections (q/k/v, gate/up) of a patched model as one product each
+    (`patching.siblings`), once per model; recorded in its patch report, undone by lz.unpatch."""
+    from .patching import siblings
+    from .patching.record import records
+
+    rec = records.get(model)
+    if rec is None or getattr(rec, "siblings_fused", False):
+        return
+    rec.siblings_fused = True
+    n = siblings.fuse(model, rec.report, rec.undo)
+    if n:
+        log.info("lz.generate fused %d groups of sibling projections of %s (lz.unpatch(model) undoes it)",
+                 n, type(model).__name__)
+
+
 def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed, lz_patch, model_kwargs):
     from .patch import patch, report
 
@@ -564,6 +582,8 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
     want_scores = bool(cfg.return_dict_in_generate and cfg.output_scores)
     want_logits = bool(cfg.return_dict_in_generate and cfg.output_logits)
     graphed = _buckets(device, plan) and not (want_scores or want_logits)
+    if graphed and FUSE_SIBLINGS:
+        _fuse_siblings(model)
     # a graphed prefill serves every prompt length of its bucket: left padding up to it
     lead = -n % PREFILL_BUCKET if graphed else 0
     limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 1 << 30

@@ -10,7 +10,8 @@ COMPILE_OPTIONS, the default at batch 1), plain (no inductor options: COMPILE_OP
 the default for larger batches), cdt-opaque (cdt with rms_norm and swiglu locked to LayerZero's
 Triton kernels, custom ops inductor cannot fuse into the matrix-vector reductions that follow),
 cdt-opaque-rope (rope too; since the "matvec" flag, cdt does this by itself), cdt-pdl / plain-pdl
-(inductor's programmatic dependent launch on top: a kernel starts while the one before finishes). The batch-1 loop's replay profile is also in the output.
+(inductor's programmatic dependent launch on top: a kernel starts while the one before finishes),
+cdt-separate / plain-separate (q/k/v and gate/up as separate products: generation.FUSE_SIBLINGS off). The batch-1 loop's replay profile is also in the output.
 
     PYTHONPATH=$PWD python3 scripts/generate_gpu_explore.py --batch 1 8 --steps cdt plain --json $OUT/x.json
 """
@@ -34,7 +35,8 @@ from layerzero import generation  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int, nargs="+", default=[1])
-ap.add_argument("--steps", nargs="*", default=["cdt"], choices=["cdt", "plain", "cdt-opaque", "cdt-opaque-rope", "cdt-pdl", "plain-pdl"])
+ap.add_argument("--steps", nargs="*", default=["cdt"], choices=["cdt", "plain", "cdt-opaque", "cdt-opaque-rope", "cdt-pdl", "plain-pdl",
+                                                         "cdt-separate", "plain-separate"])
 ap.add_argument("--ttft", action="store_true")
 ap.add_argument("--rows", type=int, default=14)
 ap.add_argument("--json", default="")
@@ -61,6 +63,8 @@ def save():
 def fresh():
     torch._dynamo.reset()
     generation._LOOPS.pop(model, None)
+    lz.unpatch(model)          # separate projections again (lz.generate fuses them once per patch)
+    lz.patch(model)
     torch.cuda.synchronize()
 
 
@@ -131,6 +135,7 @@ for b in args.batch:
             if variant.endswith("pdl"):                 # programmatic dependent launch (sm90+)
                 opts.setdefault("options", {})
                 opts["options"] = {**opts["options"], "triton.enable_pdl": True}
+        generation.FUSE_SIBLINGS = not variant.endswith("separate")
         for op in ("rms_norm", "swiglu", "rope"):
             lz.unlock(op)
         if variant.startswith("cdt-opaque"):       # LayerZero's Triton kernels: opaque to inductor
