@@ -16,6 +16,7 @@ _import_module(f"{__name__}.backends")  # registers the built-in kernels
 from .control import configure, lock, unlock, use
 from .doctor import doctor
 from .generation import generate
+from .speculative import SpeculativeStats, speculative_generate
 from .inspect import explain, kernels, which
 from .ops import attention, geglu, layer_norm, rms_norm, rope, sample, swiglu
 from .registry import register
@@ -39,4 +40,5 @@ _when_imported("torch._dynamo", lambda _m: _compiled.install(_ops.PUBLIC))
 __all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "register",
            "which", "explain", "kernels", "doctor", "metrics", "reset_metrics", "metrics_server",
            "metrics_opentelemetry", "configure", "lock",
-           "unlock", "use", "patch", "unpatch", "auto_patch", "warmup", "generate"]
+           "unlock", "use", "patch", "unpatch", "auto_patch", "warmup", "generate",
+           "speculative_generate", "SpeculativeStats"]
