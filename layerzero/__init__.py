@@ -18,7 +18,7 @@ from .doctor import doctor
 from .generation import generate
 from .speculative import SpeculativeStats, speculative_generate
 from .inspect import explain, kernels, which
-from .ops import attention, geglu, layer_norm, rms_norm, rope, sample, swiglu
+from .ops import attention, geglu, layer_norm, paged_attention, rms_norm, rope, sample, swiglu
 from .registry import register
 from .warmup import warmup
 from .telemetry import metrics
@@ -37,8 +37,17 @@ _load_environment()
 _import_module(f"{__name__}.integrations")
 _when_imported("torch._dynamo", lambda _m: _compiled.install(_ops.PUBLIC))
 
-__all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "register",
+__all__ = ["attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "paged_attention",
+           "PagedKVCache", "register",
            "which", "explain", "kernels", "doctor", "metrics", "reset_metrics", "metrics_server",
            "metrics_opentelemetry", "configure", "lock",
            "unlock", "use", "patch", "unpatch", "auto_patch", "warmup", "generate",
            "speculative_generate", "SpeculativeStats"]
+
+
+def __getattr__(name: str):
+    """`lz.PagedKVCache`, a transformers Cache: imported (with transformers) on first use."""
+    if name == "PagedKVCache":
+        from .paged.cache import PagedKVCache
+        return PagedKVCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

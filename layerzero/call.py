@@ -35,6 +35,7 @@ class CallSpec(NamedTuple):
     dropout: bool = False
     grad: bool = False           # autograd will need a backward
     flags: frozenset = frozenset()  # op-specific: residual, offset, bias, interleaved, partial, ...
+    page_size: int = 0           # paged_attention: keys per page (0 for every other op)
 
     def shown(self) -> tuple[str, ...]:
         """The fields that describe this call: op, device, sm, dtype, the fields of its op
@@ -65,7 +66,13 @@ class CallSpec(NamedTuple):
 # The fields each op's calls fill in (beyond op, device, sm, dtype); the rest keep their defaults.
 # For norms and gated MLPs head_dim is the hidden size, for sample the vocabulary size.
 _ROWS = ("batch", "head_dim", "grad", "flags")
-FIELDS = {"attention": CallSpec._fields[4:-1],
+_ATTENTION = tuple(f for f in CallSpec._fields[4:] if f not in ("flags", "page_size"))
+FIELDS = {"attention": _ATTENTION,
+          # seq_len_k: the keys a page-table row can address (max_pages x page_size), not the
+          # rows' lengths, which are tensor values and never read by selection
+          "paged_attention": ("batch", "num_heads", "num_kv_heads", "seq_len_q", "seq_len_k",
+                              "head_dim", "head_dim_v", "layout", "causal", "causal_align", "window",
+                              "softcap", "sinks", "grad", "page_size"),
           "rope": ("batch", "num_heads", "num_kv_heads", "seq_len_q", "seq_len_k", "head_dim",
                    "layout", "grad", "flags"),
           "rms_norm": _ROWS, "layer_norm": _ROWS, "swiglu": _ROWS, "geglu": _ROWS,

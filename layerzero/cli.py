@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 
-OPS = ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample")
+OPS = ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "paged_attention")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -186,6 +186,20 @@ def _add_op_parsers(command: argparse.ArgumentParser, common: argparse.ArgumentP
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--min-p", type=float)
+    p = _command(ops, "paged_attention", parents=[common], help="lz.paged_attention")
+    p.add_argument("--q", type=_dims(4, "B,H,S,D"), default=(1, 8, 1, 64), metavar="B,H,S,D",
+                   help="q's batch, heads, new tokens and head_dim, whatever the layout "
+                        "(default 1,8,1,64: a decode step)")
+    p.add_argument("--kv-heads", type=_count, help="the pages' kv heads (default: q's; fewer = GQA/MQA)")
+    p.add_argument("--seq-k", type=_count, default=128, help="keys per row, in pages (default 128)")
+    p.add_argument("--page-size", type=_count, default=16, help="keys per page (default 16)")
+    p.add_argument("--layout", choices=("bhsd", "bshd"), default="bhsd")
+    p.add_argument("--no-causal", action="store_true", help="queries see every key of their row")
+    p.add_argument("--window", type=_window, metavar="LEFT,RIGHT",
+                   help="sliding window, -1 = unbounded (e.g. --window 127,0 or --window=-1,0)")
+    p.add_argument("--softcap", type=float)
+    p.add_argument("--sinks", action="store_true", help="pass attention-sink logits (Hq,)")
+    p.add_argument("--scale", type=float)
 
 
 def build_call(a: argparse.Namespace, device: str) -> tuple[tuple, dict]:
@@ -240,6 +254,19 @@ def build_call(a: argparse.Namespace, device: str) -> tuple[tuple, dict]:
     if a.op in ("swiglu", "geglu"):
         kw = {"approximate": a.approximate} if a.op == "geglu" else {}
         return (t(*a.x), t(*a.x)), kw
+    if a.op == "paged_attention":   # every row holds --seq-k keys in pages of its own, in order
+        b, h, s, d = a.q
+        hk = h if a.kv_heads is None else a.kv_heads
+        n = -(-a.seq_k // a.page_size)
+        q = t(b, h, s, d) if a.layout == "bhsd" else t(b, s, h, d)
+        k_pages, v_pages = t(b * n, a.page_size, hk, d), t(b * n, a.page_size, hk, d)
+        table = torch.arange(b * n, dtype=torch.int32, device=device).reshape(b, n)
+        lens = torch.full((b,), a.seq_k, dtype=torch.int32, device=device)
+        kw = {"is_causal": not a.no_causal, "window": a.window, "softcap": a.softcap,
+              "scale": a.scale, "layout": a.layout}
+        if a.sinks:
+            kw["sinks"] = torch.randn((h,), device=device)
+        return (q, k_pages, v_pages, table, lens), kw
     return (t(*a.x, grad=False),), {"temperature": a.temperature, "top_k": a.top_k,
                                     "top_p": a.top_p, "min_p": a.min_p}
 

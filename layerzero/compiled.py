@@ -118,7 +118,7 @@ def _stand_in(op: str, fn: Callable) -> Callable:
         kid = _choose(op, tuple(_meta(v) for v in args),
                       tuple((n, _meta(v)) for n, v in kwargs.items()), torch.is_grad_enabled())
         vals = args + tuple(kwargs.get(n, d) for n, d in params[len(args):])
-        if op == "attention" and vals[7] is not None:
+        if op in ("attention", "paged_attention") and vals[7] is not None:   # window
             vals = vals[:7] + (tuple(vals[7]),) + vals[8:]
         return registry.get(kid).fn(*vals)
 

@@ -73,7 +73,9 @@ def devices() -> list[tuple[str, int]]:
     return here
 
 
-# op -> ordinary calls of it: (argument shapes, keyword arguments)
+# op -> ordinary calls of it: (argument shapes, keyword arguments); a (shape, dtype) pair is an
+# argument of that dtype (paged attention's int32 page table and lengths), not of the call's
+_I32 = torch.int32
 _CALLS = {
     "attention": [([(1, 4, 16, 64)] * 3, {"is_causal": True}),                      # prefill
                   ([(1, 4, 1, 64), (1, 4, 16, 64), (1, 4, 16, 64)], {})],            # decode
@@ -83,7 +85,15 @@ _CALLS = {
     "swiglu": [([(2, 64), (2, 64)], {})],
     "geglu": [([(2, 64), (2, 64)], {"approximate": "none"}), ([(2, 64), (2, 64)], {"approximate": "tanh"})],
     "sample": [([(2, 64)], {}), ([(2, 64)], {"top_k": 8})],
+    "paged_attention": [([(1, 4, 16, 64), (4, 16, 4, 64), (4, 16, 4, 64), ((1, 4), _I32), ((1,), _I32)], {}),
+                        ([(2, 4, 1, 64), (8, 16, 4, 64), (8, 16, 4, 64), ((2, 4), _I32), ((2,), _I32)], {})],
 }
+
+
+def _meta(shape, dtype: torch.dtype) -> torch.Tensor:
+    if len(shape) == 2 and isinstance(shape[1], torch.dtype):
+        shape, dtype = shape
+    return torch.empty(shape, dtype=dtype, device="meta")
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,7 +106,7 @@ def sample_calls(op: str, device: str, sm: int) -> tuple:
     specs = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for shapes, kwargs in _CALLS[registry.check_op(op)]:
-            args = [torch.empty(s, dtype=dtype, device="meta") for s in shapes]
+            args = [_meta(s, dtype) for s in shapes]
             spec, _ = ops.describe(op, args, kwargs)
             specs.append(spec._replace(device=device, sm=sm))
     return tuple(specs)

@@ -177,11 +177,62 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None
     return dispatch.call(key, (logits, temperature, top_k, top_p, min_p, generator), validate.sample)
 
 
+
+def paged_attention(q: Tensor, k_pages: Tensor, v_pages: Tensor, page_table: Tensor,
+                    seq_lens: Tensor, *, scale: float | None = None, is_causal: bool = True,
+                    window: tuple[int, int] | None = None, softcap: float | None = None,
+                    sinks: Tensor | None = None, layout: str = "bhsd") -> Tensor:
+    """Attention over K/V kept in pages (a `lz.PagedKVCache`'s), for a batch of rows of
+    different lengths.
+
+    q: (B, Hq, Sq, D) for layout="bhsd" or (B, Sq, Hq, D) for "bshd"; the output has q's layout
+    and dtype, with v's head_dim. k_pages / v_pages: (num_pages, page_size, Hkv, D[v]), "NHD" (the
+    layout of FlashInfer's paged KV and of transformers' paged cache); Hq a multiple of Hkv (GQA).
+
+    page_table (B, max_pages) int32/int64: row b's keys are, in order, the tokens of pages
+    page_table[b, 0], ..., page_table[b, ceil(seq_lens[b] / page_size) - 1]; the last of them may
+    be partly filled; later entries are ignored (-1 by convention). seq_lens (B,) int32/int64:
+    the number of keys of row b, the new tokens of this call included. FlashInfer's CSR form is
+    derived from the two (`layerzero.paged.meta.csr`): indptr = cumsum of the rows' page counts,
+    indices = the used entries row by row, last_page_len = seq_lens - (pages - 1) * page_size.
+
+    Query i of row b sits at key position seq_lens[b] - Sq + i (bottom-right, as flash-attn with
+    a cache: the queries are the row's last Sq tokens). is_causal: it attends keys j <= its
+    position. window=(left, right): keys position-left <= j <= position+right (inclusive, -1 =
+    unbounded), as `lz.attention`'s. For Sq=2, seq_lens=(4, 3), causal ("x" = attended)::
+
+        row 0:  x x x .      row 1:  x x . .
+                x x x x              x x x .
+
+    A causal query at a negative position (left padding: a row with fewer tokens than Sq)
+    attends nothing and, as any query with no key to attend, returns zeros, never NaN.
+    softcap: scores = softcap * tanh(scores / softcap). sinks (Hq,): per-head logits joining the
+    softmax denominator only. scale defaults to 1/sqrt(D).
+
+    Selection reads shapes, dtypes and devices only (`validate.paged_attention`); the values
+    of page_table and seq_lens are the caller's to keep in range (a `lz.PagedKVCache` does).
+    """
+    try:
+        window = window_tuple(window)
+        grad = _grad_mode() and (q.requires_grad or k_pages.requires_grad or v_pages.requires_grad
+                                 or (sinks is not None and sinks.requires_grad))
+        key = ("paged_attention", q.shape, q.dtype, q.device, k_pages.shape, k_pages.dtype,
+               k_pages.device, v_pages.shape, v_pages.dtype, v_pages.device, page_table.shape,
+               page_table.dtype, page_table.device, seq_lens.shape, seq_lens.dtype,
+               seq_lens.device, scale, is_causal, window, softcap, _sig(sinks), layout, grad,
+               _local.prefs)
+    except AttributeError:
+        key = None
+    return dispatch.call(key, (q, k_pages, v_pages, page_table, seq_lens, scale, is_causal, window,
+                               softcap, sinks, layout), validate.paged_attention)
+
+
 PUBLIC = {"attention": attention, "rms_norm": rms_norm, "layer_norm": layer_norm, "rope": rope,
-          "swiglu": swiglu, "geglu": geglu, "sample": sample}
+          "swiglu": swiglu, "geglu": geglu, "sample": sample, "paged_attention": paged_attention}
 DESCRIBE = {"attention": validate.attention, "rms_norm": validate.rms_norm,
             "layer_norm": validate.layer_norm, "rope": validate.rope, "swiglu": validate.swiglu,
-            "geglu": validate.geglu, "sample": validate.sample}
+            "geglu": validate.geglu, "sample": validate.sample,
+            "paged_attention": validate.paged_attention}
 
 
 def bind(op: str, args: tuple, kwargs: dict) -> tuple:
@@ -195,7 +246,7 @@ def bind(op: str, args: tuple, kwargs: dict) -> tuple:
         raise TypeError(f"lz.{op}{plain}: {e}") from None
     bound.apply_defaults()
     vals = tuple(bound.arguments.values())
-    if op == "attention" and vals[7] is not None:
+    if op in ("attention", "paged_attention") and vals[7] is not None:  # window, in both
         vals = vals[:7] + (window_tuple(vals[7]),) + vals[8:]
     return vals
 

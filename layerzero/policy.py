@@ -63,7 +63,7 @@ KINDS: dict[str, object] = {
     "head_dim_v": _INT, "layout": ("bhsd", "bshd"), "causal": _BOOL,
     "causal_align": ("top_left", "bottom_right"), "mask": ("none", "bool", "float"),
     "has_mask": _BOOL, "window": _WINDOW, "softcap": _BOOL, "alibi": _BOOL, "sinks": _BOOL,
-    "dropout": _BOOL, "grad": _BOOL,
+    "dropout": _BOOL, "grad": _BOOL, "page_size": _INT,
 }
 # Every CallSpec field but `flags` (a set, not a value), plus has_mask. Fields added to CallSpec
 # later become properties too, compared as strings until KINDS says more.

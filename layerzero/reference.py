@@ -100,6 +100,78 @@ def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.
     return (out, p.to(q.dtype)) if return_weights else out
 
 
+
+def paged_positions(seq_lens: torch.Tensor, sq: int, sk: int, *, is_causal: bool, window):
+    """Bool (B, Sq, Sk): which of a row's first Sk keys each query of a paged call attends.
+
+    Query i of row b sits at key position seq_lens[b] - Sq + i (bottom-right); key j is valid
+    when j < seq_lens[b]; causal and the window apply relative to the query's position. A query
+    at a negative position (left padding) sees no key under is_causal.
+    """
+    lens = seq_lens.to(torch.long)
+    j = torch.arange(sk, device=seq_lens.device).view(1, 1, sk)
+    pos = lens.view(-1, 1, 1) - sq + torch.arange(sq, device=seq_lens.device).view(1, sq, 1)
+    allowed = j < lens.view(-1, 1, 1)
+    if is_causal:
+        allowed = allowed & (j <= pos)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            allowed = allowed & (j >= pos - left)
+        if right >= 0:
+            allowed = allowed & (j <= pos + right)
+    return allowed
+
+
+def gather_pages(pages: torch.Tensor, page_table: torch.Tensor, n_pages: int) -> torch.Tensor:
+    """(B, Hkv, n_pages * page_size, D): each row's first `n_pages` pages, dense, in order.
+    Entries of page_table that are out of range (unused: -1) read page 0; callers mask them."""
+    b = page_table.shape[0]
+    idx = page_table[:, :n_pages].to(torch.long).clamp(0, pages.shape[0] - 1)
+    dense = pages[idx]                                    # (B, n_pages, P, Hkv, D)
+    return dense.reshape(b, n_pages * pages.shape[1], pages.shape[2], pages.shape[3]).transpose(1, 2)
+
+
+def paged_attention(q, k_pages, v_pages, page_table, seq_lens, scale=None, is_causal=True,
+                    window=None, softcap=None, sinks=None, layout="bhsd"):
+    """Reference paged attention: gather each row's pages into dense K/V, then `attention` with
+    the mask the metadata implies (`paged_positions`). Reads seq_lens and the used part of
+    page_table (one device sync) to size the gather and to check the values: a length beyond
+    the table, or a page id out of range where a row has keys, raises ValueError. Reading values
+    keeps it out of `torch.compile(fullgraph=True)` graphs (it graph-breaks otherwise)."""
+    if layout == "bshd":
+        q = q.transpose(1, 2)
+    b, hq, sq, _ = q.shape
+    num_pages, p = k_pages.shape[0], k_pages.shape[1]
+    lens = seq_lens.to(torch.long)
+    cap = page_table.shape[1] * p
+    lo, hi = (int(lens.min()), int(lens.max())) if b else (0, 0)
+    if lo < 0 or hi > cap:
+        bad = int(((lens < 0) | (lens > cap)).nonzero()[0, 0])
+        raise ValueError(f"seq_lens[{bad}] = {int(lens[bad])}; allowed: 0..{cap} "
+                         f"(page_table's {page_table.shape[1]} pages x page_size {p})")
+    n_pages = -(-hi // p)
+    if n_pages == 0:      # no row holds a key: every query attends nothing
+        out = q.new_zeros(b, hq, sq, v_pages.shape[3])
+        return out.transpose(1, 2) if layout == "bshd" else out
+    table = page_table[:, :n_pages].to(torch.long)
+    used = torch.arange(n_pages, device=table.device).view(1, -1) * p < lens.view(-1, 1)
+    bad = used & ((table < 0) | (table >= num_pages))
+    if bool(bad.any()):
+        r, i = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"page_table[{r}, {i}] = {int(table[r, i])} but row {r} holds {int(lens[r])} "
+                         f"keys there; allowed page ids: 0..{num_pages - 1}")
+    k = gather_pages(k_pages, page_table, n_pages)        # (B, Hkv, Sk, D)
+    v = gather_pages(v_pages, page_table, n_pages)
+    # slots past a row's length hold anything (a freed row's keys, NaN): masked scores drop K's,
+    # but 0 * NaN in probabilities @ V would not drop V's
+    held = torch.arange(n_pages * p, device=v.device).view(1, 1, -1, 1) < lens.view(-1, 1, 1, 1)
+    v = torch.where(held, v, torch.zeros((), dtype=v.dtype, device=v.device))
+    allowed = paged_positions(seq_lens, sq, n_pages * p, is_causal=is_causal, window=window)
+    out = attention(q, k, v, allowed.unsqueeze(1), False, scale, 0.0, None, softcap, None, sinks,
+                    "bhsd", "top_left")                    # (B, Hq, Sq, Dv)
+    return out.transpose(1, 2) if layout == "bshd" else out
+
 def rms_norm(x, weight, eps=1e-6, residual=None, offset=0.0):
     """y = x / rms(x) * (offset + weight) in float32 (float64 for float64), cast to x's dtype."""
     if residual is not None:

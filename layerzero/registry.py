@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-OPS = ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample")
+OPS = ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "paged_attention")
 
 log = logging.getLogger("layerzero")
 

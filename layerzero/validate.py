@@ -142,6 +142,66 @@ def attention(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, 
                     needs_grad(q, k, v))
 
 
+
+_INTS = (torch.int32, torch.int64)
+
+
+def _index(name, t, ref, shape_desc, ndim):
+    """An int32/int64 metadata tensor on `ref`'s device with `ndim` dims."""
+    _tensor(name, t, ndim=ndim)
+    if t.dtype not in _INTS:
+        raise TypeError(f"{name} has dtype {t.dtype}; allowed: int32, int64 ({shape_desc})")
+    _same(name, t, ref, "q", dtype=False)
+
+
+def paged_attention(q, k_pages, v_pages, page_table, seq_lens, scale, is_causal, window, softcap,
+                    sinks, layout) -> CallSpec:
+    """Shapes, dtypes and devices of a paged call. The metadata's values (page ids in range,
+    lengths within the table) are never read here: that would cost a device sync per call, and
+    a `lz.PagedKVCache` guarantees them; the reference kernel checks them when it reads them."""
+    _choice("layout", layout, ("bhsd", "bshd"))
+    _tensor("q", q, ndim=4)
+    _float("q", q)
+    for name, t in (("k_pages", k_pages), ("v_pages", v_pages)):
+        _tensor(name, t, ndim=4)
+        _float(name, t)
+        _same(name, t, q, "q")
+    b, hq, sq, d = q.shape if layout == "bhsd" else (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+    n, p, hk, dk = k_pages.shape
+    dv = v_pages.shape[3]
+    dims = (f"(q {tuple(q.shape)} in layout {layout!r}; k_pages {tuple(k_pages.shape)}, "
+            f"v_pages {tuple(v_pages.shape)} as (num_pages, page_size, kv_heads, head_dim))")
+    if tuple(v_pages.shape[:3]) != (n, p, hk):
+        raise ValueError(f"k_pages and v_pages must have the same num_pages, page_size and kv_heads {dims}")
+    if d != dk:
+        raise ValueError(f"q and k_pages must have the same head_dim {dims}")
+    if min(b, hq, n, p, hk, d, dv) == 0:
+        raise ValueError(f"q, k_pages and v_pages must have non-zero batch, heads, pages, page_size "
+                         f"and head_dim {dims}")
+    if hq % hk != 0:
+        raise ValueError(f"q heads ({hq}) must be a multiple of the pages' kv heads ({hk}) for GQA/MQA {dims}")
+    _index("page_table", page_table, q, "(B, max_pages): row b's page ids, in order", 2)
+    if page_table.shape[0] != b:
+        raise ValueError(f"page_table has shape {tuple(page_table.shape)}; allowed: (B, max_pages) "
+                         f"with B = {b}, q's batch")
+    _index("seq_lens", seq_lens, q, "(B,): each row's number of keys", 1)
+    if tuple(seq_lens.shape) != (b,):
+        raise ValueError(f"seq_lens has shape {tuple(seq_lens.shape)}; allowed: (B,) = ({b},)")
+    _flag("is_causal", is_causal)
+    _number("scale", scale, lo=0.0, lo_open=True, allow_none=True)
+    window = window_tuple(window)
+    _number("softcap", softcap, lo=0.0, lo_open=True, allow_none=True)
+    if sinks is not None:
+        _tensor("sinks", sinks)
+        _float("sinks", sinks)
+        _same("sinks", sinks, q, "q", dtype=False)
+        if tuple(sinks.shape) != (hq,):
+            raise ValueError(f"sinks has shape {tuple(sinks.shape)}; allowed: (Hq,) = ({hq},)")
+    return CallSpec("paged_attention", q.device.type, device_sm(q.device), q.dtype, b, hq, hk, sq,
+                    page_table.shape[1] * p, d, dv, layout, is_causal, "bottom_right", "none", window,
+                    softcap is not None, False, sinks is not None, False,
+                    needs_grad(q, k_pages, v_pages, sinks), page_size=p)
+
 def _norm_common(op, x, weight, eps, residual, extra_params=()):
     _tensor("x", x, min_ndim=1)
     _float("x", x)

@@ -17,7 +17,7 @@ from layerzero import control, health, registry
 def clean_state():
     """Every test starts with no policy, no locks, strict off, fresh metrics and breakers."""
     lz.configure(policy={}, strict=False)
-    for op in ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample"):
+    for op in ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "paged_attention"):
         lz.unlock(op)
     health.reset()
     lz.reset_metrics()

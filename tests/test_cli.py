@@ -92,6 +92,8 @@ def test_explain_plain_table(capsys):
     (["geglu", "--x", "2,16", "--approximate", "tanh"], "geglu"),
     (["sample", "--x", "2,50", "--top-k", "5"], "sample"),
     (["attention", "--window", "4,0", "--mask", "bool", "--alibi", "--layout", "bshd"], "attention"),
+    (["paged_attention", "--q", "2,8,3,64", "--kv-heads", "2", "--page-size", "4", "--window", "15,0",
+      "--softcap", "30", "--sinks"], "paged_attention"),
 ])
 def test_explain_every_op(capsys, argv, key):
     code, out, _ = run(capsys, "explain", *argv, "--json")

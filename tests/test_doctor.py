@@ -54,7 +54,7 @@ def test_a_kernel_states_its_devices_through_supports():
 def test_every_op_has_ordinary_calls_every_builtin_kernel_on_cpu_would_take():
     """The sample calls are real calls of each op (built by ops.describe), so a kernel that
     runs on the CPU is found available there."""
-    for op in ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample"):
+    for op in ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "paged_attention"):
         specs = doctor.sample_calls(op, "cpu", 0)
         assert specs and all(s.op == op and s.device == "cpu" for s in specs)
         assert {s.dtype for s in specs} == {torch.float32, torch.bfloat16, torch.float16}

@@ -240,7 +240,7 @@ def test_explain_of_a_norm_shows_norm_fields_only():
         assert attention_field not in text and attention_field not in rep
     assert eval(rep, {"CallSpec": CallSpec, "torch": torch}) == d.spec     # still a faithful repr
     a = lz.explain("attention", Q, Q, Q, is_causal=True)
-    assert set(a.spec.as_dict()) == set(CallSpec._fields) - {"flags"}
+    assert set(a.spec.as_dict()) == set(CallSpec._fields) - {"flags", "page_size"}
     assert "causal=True" in str(a).splitlines()[0]
 
 

@@ -7,5 +7,5 @@ from .. import reference
 from ..registry import register
 from . import priorities
 
-for _op in ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample"):
+for _op in ("attention", "rms_norm", "layer_norm", "rope", "swiglu", "geglu", "sample", "paged_attention"):
     register(_op, f"reference.{_op}", getattr(reference, _op), priority=priorities.reference)

@@ -36,6 +36,7 @@ import warnings
 import torch
 
 from .. import ops, reference, telemetry
+from ..paged.meta import META_KEY
 from ..patch import auto_patch_model
 from ..patching.frameworks import register_integration
 from ..patching.hooks import when_imported
@@ -176,12 +177,19 @@ def causal_mask(masking_utils):
 
 # ---- the attention function --------------------------------------------------------------------
 
-# kwargs that carry nothing attention needs beyond q/k/v, the mask and the cache
+# kwargs that carry nothing attention needs beyond q/k/v, the mask and the cache (continuous
+# batching's read/write indices and logits rows are its cache's, applied before attention runs)
 _INFORMATIONAL = frozenset({"position_ids", "output_hidden_states", "output_router_logits",
                             "num_items_in_batch", "use_cache", "cache_position", "return_dict",
                             "layer_idx", "past_key_values", "cache", "token_type_ids",
                             "max_length_q", "max_length_k", "position_embeddings",
-                            "encoder_hidden_states", "encoder_attention_mask"})
+                            "encoder_hidden_states", "encoder_attention_mask", "read_index",
+                            "write_index", "logits_indices", "logits_processor_args"})
+# transformers' continuous batching with a block table: the K/V are not in the cache yet, the
+# flash-attn kernel is to write them (flash_attn_with_kvcache); no LayerZero kernel does that
+_BLOCK_TABLE = ("block_table", "k_cache", "v_cache")
+# what a paged call (lz.PagedKVCache) cannot combine with: the names transformers passes them by
+_NOT_PAGED = ("position_bias", "cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "indices")
 _warned: set = set()
 
 
@@ -257,6 +265,15 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     computed by `reference.attention` and returned). dropout is applied as given (transformers
     passes 0.0 in eval).
     """
+    paged = kwargs.pop(META_KEY, None)
+    if any(kwargs.get(n) is not None for n in _BLOCK_TABLE):
+        raise ValueError("layerzero attention: transformers passed a paged block table (block_table, "
+                         "k_cache, v_cache: continuous batching's flash-attn path, where the kernel "
+                         "writes the new K/V into the cache itself); LayerZero's attention does not "
+                         "take it. Use generate() with lz.PagedKVCache, or continuous batching "
+                         "without a block table (its cache then hands over K/V)")
+    if paged is not None:
+        return paged_forward(module, query, key, value, paged, dropout, scaling, kwargs)
     is_causal = kwargs.pop("is_causal", None)
     sliding_window = kwargs.pop("sliding_window", None)
     softcap = kwargs.pop("softcap", None)
@@ -324,6 +341,47 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                         dropout_p=dropout, window=window, softcap=softcap, sinks=sinks,
                         causal_align=align)          # (B, Hq, Sq, Dv)
     return out.transpose(1, 2).contiguous(), None
+
+
+def paged_forward(module, query, k_pages, v_pages, meta, dropout, scaling, kwargs):
+    """transformers' attention call over a `lz.PagedKVCache` layer: key/value are its page pools
+    (pages, page_size, Hkv, D), `meta` the step's page table and lengths -> `lz.paged_attention`.
+    Returns (out (B, Sq, Hq, Dv), None). The 4-D mask transformers built is not read: the
+    metadata holds causality and each row's real keys (the mask's key axis is the padded batch,
+    not the pages); sliding_window, softcap, s_aux / module.sinks and is_causal apply as in
+    `attention_forward`. Packed sequences, position biases, top-k indices, per-token sinks,
+    attention weights and dropout raise: no paged kernel takes them."""
+    is_causal = kwargs.pop("is_causal", None)
+    sliding_window = kwargs.pop("sliding_window", None)
+    softcap = kwargs.pop("softcap", None)
+    sinks = kwargs.pop("s_aux", None)
+    output_attentions = kwargs.pop("output_attentions", None)
+    if output_attentions is None:
+        output_attentions = getattr(getattr(module, "config", None), "output_attentions", False)
+    given = [n for n in _NOT_PAGED if kwargs.pop(n, None) is not None]
+    token_sinks = kwargs.pop("sinks", None)
+    if token_sinks is not None and token_sinks.dim() == 1 and sinks is None:
+        sinks = token_sinks                      # one sink per head: lz.paged_attention's own
+    elif token_sinks is not None:
+        given.append("per-query sinks")
+    if output_attentions:
+        given.append("output_attentions=True")
+    if dropout:
+        given.append(f"dropout={dropout} (training mode: call model.eval())")
+    if given:
+        raise ValueError(f"layerzero attention over a lz.PagedKVCache: {', '.join(given)} cannot be "
+                         f"applied to paged K/V; use transformers' DynamicCache for such calls")
+    if kwargs:
+        _unknown(kwargs)
+    meta.consume(sliding_window)
+    if sinks is None and isinstance(getattr(module, "sinks", None), torch.Tensor):
+        sinks = module.sinks
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    window = None if sliding_window is None else (sliding_window - 1, -1)   # a query sees W keys
+    out = ops.paged_attention(query, k_pages, v_pages, meta.page_table, meta.seq_lens, scale=scaling,
+                              is_causal=bool(is_causal), window=window, softcap=softcap, sinks=sinks)
+    return out.transpose(1, 2).contiguous(), None       # (B, Hq, Sq, Dv) -> (B, Sq, Hq, Dv)
 
 
 # ---- lz.patch(model) ---------------------------------------------------------------------------
