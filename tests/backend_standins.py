@@ -107,8 +107,35 @@ def _nhd(t, kv_layout):
 
 def _request_kv(cache, indptr, indices, last, b, kv_layout):
     pages = [_nhd(cache[p], kv_layout) for p in indices[indptr[b]:indptr[b + 1]].tolist()]
+    if not pages:                                                         # a request holding no key
+        return _nhd(cache[0], kv_layout)[:0]
     kv = torch.cat(pages, 0)                                              # (tokens, Hk, D)
     return kv[: (len(pages) - 1) * pages[0].shape[0] + int(last[b])]
+
+
+def _check_paged_kv(indptr, indices, last, page_size):
+    """FlashInfer's paged-KV metadata as its kernels read it: int32, indices[indptr[b]:indptr[b+1]]
+    the pages of request b, 1 <= last_page_len <= page_size where a request has pages (0 where
+    none: FlashInfer's get_seq_lens then gives 0 keys)."""
+    assert indptr.dtype == indices.dtype == last.dtype == torch.int32, "FlashInfer's paged metadata is int32"
+    assert indptr.dim() == 1 and tuple(last.shape) == (indptr.shape[0] - 1,)
+    assert int(indptr[0]) == 0 and indices.shape == (int(indptr[-1]),), "indices has indptr[-1] entries"
+    n = indptr[1:] - indptr[:-1]
+    ok = ((n > 0) & (last >= 1) & (last <= page_size)) | ((n == 0) & (last == 0))
+    assert bool((n >= 0).all() and ok.all()), f"last_page_len {last.tolist()} for page counts {n.tolist()}"
+
+
+def _check_run(p, q, kv, kv_layout):
+    """run()'s q and paged cache against what plan() was told (FlashInfer raises on these)."""
+    k, v = kv
+    assert q.dim() == 3 and q.is_contiguous(), "FlashInfer takes q as contiguous (tokens, H, D)"
+    assert q.shape[0] == int(p["qo_indptr"][-1]), f"q has {q.shape[0]} tokens, qo_indptr says {p['qo_indptr']}"
+    assert k.dim() == 4 and k.shape[:3] == v.shape[:3] and k.dtype == v.dtype
+    ps, hk = (k.shape[1], k.shape[2]) if kv_layout == "NHD" else (k.shape[2], k.shape[1])
+    assert (ps, hk, q.shape[1], q.shape[2]) == (p["page_size"], p["num_kv_heads"], p["num_qo_heads"],
+                                                p["head_dim"]), "run() shapes differ from plan()"
+    assert q.dtype == (p["q_data_type"] or torch.float16), "q dtype differs from plan's q_data_type"
+    assert k.dtype == (p["kv_data_type"] or q.dtype), "k/v dtype differs from plan's kv_data_type"
 
 
 def flashinfer_module(calls: list) -> types.ModuleType:
@@ -129,6 +156,8 @@ def flashinfer_module(calls: list) -> types.ModuleType:
                           logits_soft_cap=logits_soft_cap)[0]
 
     class BatchPrefillWithPagedKVCacheWrapper:
+        kind = "prefill"
+
         def __init__(self, workspace, kv_layout="NHD", **kw):
             self.kv_layout = kv_layout
             calls.append(dict(api="prefill.init", kv_layout=kv_layout, backend=kw.get("backend", "auto")))
@@ -137,39 +166,64 @@ def flashinfer_module(calls: list) -> types.ModuleType:
                  head_dim_qk, page_size, head_dim_vo=None, custom_mask=None, causal=False,
                  sm_scale=None, window_left=-1, logits_soft_cap=None, q_data_type=None,
                  kv_data_type=None, **kw):
+            _check_paged_kv(indptr, indices, last_page_len, page_size)
+            assert qo_indptr.dtype == torch.int32 and qo_indptr.shape == indptr.shape
             calls.append(dict(api="prefill.plan", causal=causal, window_left=window_left,
-                              custom_mask=custom_mask, page_size=page_size, kv_layout=self.kv_layout))
+                              custom_mask=custom_mask, page_size=page_size, kv_layout=self.kv_layout,
+                              qo_indptr=qo_indptr, indptr=indptr, indices=indices, last_page_len=last_page_len,
+                              num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim_qk,
+                              head_dim_vo=head_dim_vo, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+                              q_data_type=q_data_type, kv_data_type=kv_data_type))
             self.p = dict(qo_indptr=qo_indptr, indptr=indptr, indices=indices, last=last_page_len,
                           mask=custom_mask, causal=causal, window_left=window_left, sm_scale=sm_scale,
-                          logits_soft_cap=logits_soft_cap)
+                          logits_soft_cap=logits_soft_cap, page_size=page_size, num_qo_heads=num_qo_heads,
+                          num_kv_heads=num_kv_heads, head_dim=head_dim_qk, q_data_type=q_data_type,
+                          kv_data_type=kv_data_type)
 
         def run(self, q, kv):
-            calls.append(dict(api="prefill.run", q=q))
+            calls.append(dict(api=f"{self.kind}.run", q=q, kv=kv))
+            _check_run(self.p, q, kv, self.kv_layout)
             p, outs, moff = self.p, [], 0
             for b in range(len(p["qo_indptr"]) - 1):
                 qb = q[p["qo_indptr"][b]:p["qo_indptr"][b + 1]]
                 kb, vb = (_request_kv(c, p["indptr"], p["indices"], p["last"], b, self.kv_layout) for c in kv)
+                if kb.shape[0] == 0:           # no key: what the real kernel writes is unspecified
+                    outs.append(qb.new_full(qb.shape[:-1] + vb.shape[-1:], float("nan")))
+                    continue
                 mb = None
                 if p["mask"] is not None:
                     n = qb.shape[0] * kb.shape[0]
                     mb = p["mask"][moff:moff + n].view(qb.shape[0], kb.shape[0])
                     moff += n
-                outs.append(_fi_attend(qb, kb, vb, causal=p["causal"], window_left=p["window_left"],
-                                       mask=mb, sm_scale=p["sm_scale"], logits_soft_cap=p["logits_soft_cap"]))
+                o = _fi_attend(qb, kb, vb, causal=p["causal"], window_left=p["window_left"],
+                               mask=mb, sm_scale=p["sm_scale"], logits_soft_cap=p["logits_soft_cap"])
+                if p["causal"] and mb is None and qb.shape[0] > kb.shape[0]:   # qo_len > kv_len: the
+                    o[: qb.shape[0] - kb.shape[0]] = float("nan")           # first queries see no key
+                outs.append(o)
             return torch.cat(outs, 0)
 
     class BatchDecodeWithPagedKVCacheWrapper(BatchPrefillWithPagedKVCacheWrapper):
+        kind = "decode"
+
         def __init__(self, workspace, kv_layout="NHD", use_tensor_cores=False, **kw):
             self.kv_layout = kv_layout
+            calls.append(dict(api="decode.init", kv_layout=kv_layout, use_tensor_cores=use_tensor_cores))
 
         def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim,
                  page_size, pos_encoding_mode="NONE", window_left=-1, logits_soft_cap=None,
                  q_data_type=None, kv_data_type=None, sm_scale=None, **kw):
-            calls.append(dict(api="decode.plan", window_left=window_left, kv_layout=self.kv_layout))
+            _check_paged_kv(indptr, indices, last_page_len, page_size)
+            calls.append(dict(api="decode.plan", window_left=window_left, kv_layout=self.kv_layout,
+                              indptr=indptr, indices=indices, last_page_len=last_page_len,
+                              page_size=page_size, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads,
+                              head_dim=head_dim, sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+                              q_data_type=q_data_type, kv_data_type=kv_data_type))
             b = len(indptr) - 1
             self.p = dict(qo_indptr=list(range(b + 1)), indptr=indptr, indices=indices,
                           last=last_page_len, mask=None, causal=False, window_left=window_left,
-                          sm_scale=sm_scale, logits_soft_cap=logits_soft_cap)
+                          sm_scale=sm_scale, logits_soft_cap=logits_soft_cap, page_size=page_size,
+                          num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                          q_data_type=q_data_type, kv_data_type=kv_data_type)
 
     def rmsnorm(x, w, eps=1e-6, **kw):
         calls.append(dict(api="rmsnorm", x=x, w=w, eps=eps))
