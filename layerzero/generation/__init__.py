@@ -26,6 +26,15 @@ protocol); a direct call goes through `model.generate` the same way. The loop th
 - checks for stopping every `CHECK_EVERY` tokens through an asynchronous copy (no host sync per
   token), then cuts the result where transformers' loop would have stopped.
 
+With an empty `lz.PagedKVCache` passed the transformers way (`cache=` / `past_key_values=`, also
+through `model.generate(..., custom_generate=lz.generate)`) the loop keeps K/V in it instead of
+its static cache (`paged._PagedLoop`): the prefill runs eagerly (no padding kept, attention dense),
+then, where steps are graphed, every row's pages for all its new tokens are reserved at once and
+the cache switches to graph mode (device-only updates), so the decode step is compiled and
+captured as above. The loop is kept per cache object (its graph names the cache's tensors); after
+the call the cache holds the batch as transformers' loop would leave it, and the dict result
+hands it back. Other cache objects the caller passes, and filled caches, raise.
+
 Logits processors or stopping criteria it can't run inside the step (repetition penalty, stop
 strings, user-supplied ones, ...) run eagerly between steps (`_Loop.stepwise`): same results, no
 graph, logged once. Options it can't honour (beam search, assisted or contrastive decoding,
@@ -34,15 +43,17 @@ from a filled cache, ...) raise ValueError naming the option and pointing to `mo
 On CPU the same step runs eagerly (no compile, no graph), which is what CI tests.
 
 Modules: this one (the entry points, the batch and length buckets, the loops kept per model),
-`plan` (what a call's step does, what it refuses), `loop` (the step, the prefill, the graphs).
+`plan` (what a call's step does, what it refuses), `loop` (the step, the prefill, the graphs),
+`paged` (the loop over a caller's lz.PagedKVCache).
 
 `return_dict_in_generate` gives transformers' `GenerateDecoderOnlyOutput` with `sequences`,
 `scores` and `logits` as asked; its cache entry is None (the static cache is kept for the next
-call, not handed out).
+call, not handed out), or the caller's lz.PagedKVCache.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import weakref
@@ -52,8 +63,9 @@ import torch
 
 from .loop import (CHECK_EVERY, COMPILE_OPTIONS, COMPILE_OPTIONS_BATCHED, GRAPH_FALLBACK,  # noqa: F401
                    PREFILL_BUCKET, PREFILL_FALLBACK, TRACE_FLAGS, TRACE_FLAGS_BATCHED, _Loop)
+from .paged import _PagedLoop
 from .plan import (_MIN_LENGTH, _REFUSED_OPTIONS, _REFUSED_PROCESSORS, _WARPERS, _Plan,  # noqa: F401
-                   _check_options, _refuse)
+                   _check_options, _refuse, _paged_cache)
 
 log = logging.getLogger("layerzero")
 
@@ -132,6 +144,7 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
     from ..patch import patch, report
 
     _check_options(model, cfg, model_kwargs)
+    cache = _paged_cache(model_kwargs)      # the caller's empty lz.PagedKVCache, or None
     if input_ids is None or input_ids.dim() != 2:
         raise _refuse("inputs without 2-D input_ids (inputs_embeds or other modalities)")
     device = input_ids.device
@@ -155,8 +168,9 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
     graphed = _buckets(device, plan) and not (want_scores or want_logits)
     if graphed and FUSE_SIBLINGS:
         _fuse_siblings(model)
-    # a graphed prefill serves every prompt length of its bucket: left padding up to it
-    lead = -n % PREFILL_BUCKET if graphed else 0
+    # a graphed prefill serves every prompt length of its bucket: left padding up to it (a
+    # paged cache prefills eagerly: no padding)
+    lead = -n % PREFILL_BUCKET if graphed and cache is None else 0
     limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 1 << 30
     need = n + lead + max_new
     max_len = -(-need // LENGTH_BUCKET) * LENGTH_BUCKET
@@ -170,15 +184,18 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
         input_ids = torch.nn.functional.pad(input_ids, (lead, 0), value=0 if pad is None else int(pad))
         mask = torch.nn.functional.pad(mask, (lead, 0), value=0)
     b = batch_bucket(rows) if _buckets(device, plan) else rows
+    if cache is not None and cache.max_batch_size is not None:   # fill rows only where they fit
+        b = max(rows, min(b, cache.max_batch_size))
     if b > rows:  # rows repeating the first one fill the bucket; they are cut off at the end
         fill = (0,) * (b - rows)
         input_ids = torch.cat([input_ids, input_ids[fill, :]])
         mask = None if mask is None else torch.cat([mask, mask[fill, :]])
     loops = _LOOPS.setdefault(model, {})
-    key = (b, max_len, device, plan.key())
+    key = (b, max_len, device, plan.key(), cache)   # a paged loop's graph names the cache's tensors
     loop = loops.pop(key, None)
     if loop is None:
-        loop = _Loop(model, b, max_len, plan, device)
+        loop = (_Loop(model, b, max_len, plan, device) if cache is None
+                else _PagedLoop(model, b, max_len, plan, device, cache))
         while len(loops) >= KEEP:
             loops.pop(next(iter(loops)))
     else:  # same key, same step; the eager processors and criteria are this call's objects
@@ -199,6 +216,9 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
     from transformers.generation.utils import GenerateDecoderOnlyOutput
 
     out: dict[str, Any] = {"sequences": sequences}
+    if cache is not None:   # the caller's cache, holding the batch (transformers' field name varies)
+        names = {f.name for f in dataclasses.fields(GenerateDecoderOnlyOutput)}
+        out["cache" if "cache" in names else "past_key_values"] = cache
     if want_scores:
         out["scores"] = tuple(loop.scores[i, :rows].clone() for i in range(kept))
     if want_logits:

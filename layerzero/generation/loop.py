@@ -64,11 +64,11 @@ def _static_cache(model, max_len: int):
 class _Loop:
     """The buffers, cache and (on CUDA) the captured step of one (batch, length bucket, plan)."""
 
-    def __init__(self, model, batch: int, max_len: int, plan: _Plan, device):
+    def __init__(self, model, batch: int, max_len: int, plan: _Plan, device, cache=None):
         self.model, self.plan = model, plan
         self.max_new = self.rows = 0            # this call's, set by prefill
         self.cache_kw, self.takes_pos, self.takes_cp, self.takes_keep = _forward_kwargs(model)
-        self.cache = _static_cache(model, max_len)
+        self.cache = _static_cache(model, max_len) if cache is None else cache
         z = dict(device=device, dtype=torch.long)
         self.tok = torch.zeros(batch, 1, **z)
         self.pos = torch.zeros(batch, 1, **z)
@@ -163,8 +163,7 @@ class _Loop:
         prefill counted as a fallback when capturing fails)."""
         b, n = input_ids.shape
         self.max_new, self.rows = max_new, rows
-        for layer in self.cache.layers:
-            layer.reset()
+        self._reset_cache()
         self.prompt_len = n
         self.mask.fill_(1)
         if attention_mask is not None:
@@ -243,8 +242,15 @@ class _Loop:
         finally:
             for t, v in zip(self._state(), saved):
                 t.copy_(v)
-            for layer in self.cache.layers:
-                layer.reset()
+            self._reset_cache()
+
+    def _reset_cache(self) -> None:
+        for layer in self.cache.layers:
+            layer.reset()
+
+    def _graphable(self) -> bool:
+        """May the decode steps become a CUDA graph (the cache's updates are device work)?"""
+        return True
 
     def _capture(self) -> None:
         """Compile the step (every kernel decision made while tracing), warm it up on a side
@@ -295,8 +301,8 @@ class _Loop:
         total = self.max_new
         done = 1
         graphed = (self.seq.is_cuda and not self.plan.stepwise and self.scores is None
-                   and self.logits is None and self.graph is not False)
-        if graphed and self.graph is None:
+                   and self.logits is None and self.graph is not False and self._graphable())
+        if graphed and self.graph is None and done < total:   # (no step to run: no capture)
             graphed = self._try_capture()
         sent = 0
         pinned = flag = None

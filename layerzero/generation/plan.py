@@ -114,7 +114,30 @@ def _check_options(model, cfg, model_kwargs: dict) -> None:
     if extra:
         raise _refuse(f"the model input(s) {', '.join(extra)} (lz.generate takes input_ids and "
                       "attention_mask)")
+    from ..paged.cache import PagedKVCache
+
     for k in ("cache", "past_key_values"):
         c = model_kwargs.get(k)
-        if c is not None and c.get_seq_length() != 0:
+        if c is None:
+            continue
+        paged = isinstance(c, PagedKVCache)
+        if paged and c.graph_mode:
+            raise ValueError(f"{k}=: this lz.PagedKVCache is in graph mode (pages reserved by an "
+                             f"earlier decode loop); call cache.reset() before lz.generate")
+        if c.get_seq_length() != 0:
             raise _refuse(f"{k}= holding {int(c.get_seq_length())} tokens (continuing from a cache)")
+        # transformers marks a cache the caller passed; its own (dynamic / static, empty) the
+        # loop replaces with its static cache, as it would any cache of those kinds
+        if getattr(c, "_is_user_defined", False) and not paged:
+            raise _refuse(f"{k}={type(c).__name__} (lz.generate keeps K/V in a static cache of its "
+                          f"own, or in an empty lz.PagedKVCache passed as {k}=)")
+
+
+def _paged_cache(model_kwargs: dict):
+    """The empty `lz.PagedKVCache` the caller passed (checked by `_check_options`), or None."""
+    from ..paged.cache import PagedKVCache
+
+    for k in ("cache", "past_key_values"):
+        if isinstance(model_kwargs.get(k), PagedKVCache):
+            return model_kwargs[k]
+    return None

@@ -3,6 +3,7 @@
     allocator.py  page bookkeeping: free pages, refcounts, each row's pages (plain Python)
     group.py      one group of layers (full attention, or one sliding window): a forward step's
                   plan (padding, shared prefixes, page writes), the device page table
+    graph.py      graph mode: pages reserved ahead, device-only updates (CUDA-graphed decode)
     cache.py      `lz.PagedKVCache`, the transformers Cache (imports transformers)
     meta.py       `PagedMeta`: what a layer's update hands to the attention call; FlashInfer's CSR
 

@@ -14,17 +14,24 @@ other attention would read the pools as K/V, so the cache refuses it: at each st
 config names another attention, and when an update was not followed by an attention reading the
 metadata (a forward raises ValueError at its next update).
 
+Graph mode (`reserve`, `graph.py`): after the prompt's forward, every row's pages for all its
+future tokens are taken at once and each layer's `update` becomes device work only (the write
+slot comes from the device lengths), so a decode step through the cache can be compiled with
+fullgraph=True and captured in a CUDA graph; lz.generate runs its decode steps so.
+
 transformers' 4-D attention mask is still built (from `get_mask_sizes`, as for a DynamicCache) but
 not read: the metadata says the same (causal, each row's real keys; the window comes with the
 attention call), and the mask's key axis (the padded batch) is not the pages'.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, get_layer_types_and_kwargs
 
+from . import graph
 from .group import PageGroup
 from .meta import META_KEY
 
@@ -108,9 +115,15 @@ class PagedLayer(CacheLayerMixin):
                                  f"{name}=None (the model's) or build the model with {name}={want}")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Write K/V (B, Hkv, Sq, D) into the pages; return the pools, the metadata in kwargs."""
+        """Write K/V (B, Hkv, Sq, D) into the pages; return the pools, the metadata in kwargs.
+        In graph mode (`PagedKVCache.reserve`) device work only: no host reads, no checks that
+        read per-step Python state (see `graph.py`)."""
         attn_kwargs = _attention_kwargs(args, kwargs)
         group = self.group
+        if group.graph:
+            graph.write(group, self, key_states, value_states)
+            attn_kwargs[META_KEY] = group.meta
+            return self.keys, self.values
         impl = _calling_attention(sys._getframe(1))
         if impl is not None:
             _refuse_other_attention(impl, "the model's")
@@ -130,14 +143,18 @@ class PagedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         group.grow_pools()
         group.write(self, key_states, value_states)
+        if group.dense:             # a batch's first forward under `dense_prefill`: its own K/V
+            return key_states, value_states
         attn_kwargs[META_KEY] = group.meta
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.group.graph:       # a constant while traced (the mask is not read: see the module)
+            return self.group.graph_length, 0
         return self.group.length + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.group.length
+        return self.group.graph_length if self.group.graph else self.group.length
 
     def get_max_length(self) -> int:
         return -1
@@ -236,7 +253,79 @@ class PagedKVCache(Cache):
         return self.groups[0].alloc.num_rows
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.groups[0].length
+        """The batch's padded length; in graph mode the `length` given to `reserve` (fixed, so
+        that a traced decode step does not change with it)."""
+        g = self.groups[0]
+        return g.graph_length if g.graph else g.length
+
+    @property
+    def graph_mode(self) -> bool:
+        """Pages are reserved (`reserve`): updates are device work only, until `end_graph_mode`
+        or `reset`."""
+        return self.groups[0].graph
+
+    def _refuse_in_graph_mode(self, what: str) -> None:
+        if self.graph_mode:
+            raise ValueError(f"lz.PagedKVCache.{what} in graph mode (pages reserved by cache.reserve "
+                             f"for a CUDA-graphed decode, whose steps read the page table as it is): "
+                             f"call cache.end_graph_mode(tokens) or cache.reset() first")
+
+    def reserve(self, new_tokens: int, length: int | None = None) -> None:
+        """Give every row the pages for `new_tokens` more tokens now, and switch to graph mode.
+
+        Called after the prompt's forward (lz.generate does, before its decode steps): each row
+        gets pages for its real tokens plus `new_tokens` (none for padding), written into the
+        device page table, and each layer's `update` then writes row b's next token at the slot
+        the device lengths name and advances them, with no host reads (a decode step through the
+        cache can then be compiled with fullgraph=True and captured in a CUDA graph; `graph.py`).
+        Sliding-window layers drop the pages the next query no longer sees, then keep the rest
+        until graph mode ends. Every row takes every token of a graph-mode forward (no padding).
+
+        length: what get_seq_length() and the layers' get_mask_sizes() answer in graph mode
+        (>= the padded length + new_tokens; default that sum): a caller that compiles the step
+        passes a length that does not change between its calls (lz.generate: its length bucket).
+        Out of pages (a fixed num_pages) raises ValueError with the pages needed and free, before
+        anything but the sliding-window drops changed. Graph mode refuses free, crop,
+        reorder_cache and batch_*; `end_graph_mode(tokens)` or `reset()` leave it.
+        """
+        new_tokens = _positive("new_tokens", new_tokens, allow_none=False)
+        self._refuse_in_graph_mode("reserve")
+        held = self.get_seq_length()
+        if held == 0:
+            raise ValueError("lz.PagedKVCache.reserve follows the prompt's forward, and the cache "
+                             "holds no tokens: run the prompt through the model first")
+        length = held + new_tokens if length is None else _positive("length", length, allow_none=False)
+        if length < held + new_tokens:
+            raise ValueError(f"reserve(length={length}); allowed: >= {held + new_tokens} (the "
+                             f"{held} positions held + new_tokens={new_tokens})")
+        for g in self.groups:
+            g._check_previous_step()
+            graph.drop_unseen(g)
+        what = f"reserving {new_tokens} tokens for each of {self.num_rows} rows"
+        try:
+            for g in self.groups:
+                g.alloc.reserve(graph.need(g, new_tokens), what)
+        except ValueError:
+            for g in self.groups:
+                g.changed()       # the page table follows the sliding-window drops
+            raise
+        for g in self.groups:
+            graph.enter(g, new_tokens, length, g.table.device)
+
+    def end_graph_mode(self, tokens: int) -> None:
+        """Leave graph mode: each row holds `tokens` more tokens than at `reserve` (the decode
+        steps that ran, or fewer: later ones are forgotten); reserved pages past them are
+        released and the cache is as if those tokens had come through eager steps."""
+        if not self.graph_mode:
+            raise ValueError("lz.PagedKVCache.end_graph_mode: the cache is not in graph mode")
+        if isinstance(tokens, bool) or not isinstance(tokens, int):
+            raise TypeError(f"tokens must be an int, got {type(tokens).__name__}")
+        reserved = self.groups[0].graph_base
+        most = min(self.groups[0].alloc.lens[r] - n for r, n in enumerate(reserved[0]))
+        if not 0 <= tokens <= most:
+            raise ValueError(f"end_graph_mode(tokens={tokens}); allowed: 0..{most} (the tokens reserved)")
+        for g in self.groups:
+            graph.leave(g, tokens)
 
     def _rows(self, index, what: str) -> list[int]:
         if isinstance(index, torch.Tensor):
@@ -256,12 +345,31 @@ class PagedKVCache(Cache):
         stay in the batch, empty: a freed row cannot continue its sequence (a forward giving it
         the next positions raises), its slot may start a new one (positions from 0, left padding
         allowed). When every row is free the batch is over and a new one (any size) may start."""
+        self._refuse_in_graph_mode("free")
         rows = self._rows(rows, "free")
         for g in self.groups:
             g.free(rows)
 
+    @contextlib.contextmanager
+    def dense_prefill(self):
+        """Within the block, a batch's first forward hands each layer's attention the step's own
+        K/V (B, Hkv, Sq, D), as a DynamicCache does, instead of the pools and page metadata; the
+        pages are written all the same. Every row's keys are then exactly the step's tokens, so
+        dense attention under transformers' (left-padding, causal, window) mask is the same
+        attention, and it runs LayerZero's dense prefill kernels (flash-attn, FlashInfer, cuDNN,
+        SDPA), where `lz.paged_attention` may have only its reference for long queries (which
+        gathers the pages and materialises (B, H, Sq, Sk) scores). lz.generate prefills so."""
+        for g in self.groups:
+            g.dense_first = True
+        try:
+            yield
+        finally:
+            for g in self.groups:
+                g.dense_first = False
+
     def reset(self) -> None:
-        """Release every page and forget the batch; pools are kept for the next one."""
+        """Release every page and forget the batch (leaving graph mode); pools, page table and
+        lengths are kept, the same tensors, for the next batch."""
         for g in self.groups:
             g.reset()
 
@@ -271,6 +379,7 @@ class PagedKVCache(Cache):
         a sliding-window group can take back only the tokens of its last forward."""
         if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
             raise TypeError(f"crop takes an int, got {type(tokens_to_remove).__name__}")
+        self._refuse_in_graph_mode("crop")
         length = self.get_seq_length()
         keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
         if keep < 0:
@@ -280,6 +389,7 @@ class PagedKVCache(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Row i becomes row beam_idx[i] (repeated rows share its pages, copied on write)."""
+        self._refuse_in_graph_mode("reorder_cache")
         index = self._rows(beam_idx, "reorder_cache")
         for g in self.groups:
             g.reorder(index)

@@ -7,6 +7,9 @@ new real tokens are read off the position ids (padding holds no page), pages are
 whose prompt starts like an earlier row's share its pages, and the write plan (token -> page slot)
 is built once for the step. Every layer's update then writes its K/V by that plan (`write`).
 
+In graph mode (`graph.py`) none of this runs: pages were reserved ahead and updates write at the
+device lengths.
+
 Padding. generate() left-pads a batch and gives each row position ids counting its real tokens
 only: 0, 1, ..., n-1 after the padding (whose positions it sets to 0), then n, n+1, ... per step.
 So row b's real new tokens in a step of Sq tokens are the last n = position_ids[b, -1] + 1 -
@@ -59,6 +62,13 @@ class PageGroup:
         self._plan = None            # (dst, src_b, src_s) LongTensors of this step's writes
         self._verify: list = []      # [(row, src_row, tokens, start, src_start)] still shared
         self._planner = None         # the layer that planned the step (it matched the rows)
+        # graph mode (`graph.py`): pages reserved ahead, updates are device work only
+        self.graph = False
+        self.cap: torch.Tensor | None = None       # (rows,) int32: keys each row's pages can take
+        self.graph_length = 0        # what get_seq_length / get_mask_sizes say in graph mode
+        self.graph_base = None       # (each row's tokens, the padded length) when pages were reserved
+        self.dense_first = False     # a batch's first forward attends its own K/V densely (cache.py)
+        self.dense = False           # ... and this step is such a forward
 
     # ---- one forward step ---------------------------------------------------------------------
 
@@ -79,6 +89,7 @@ class PageGroup:
         # -- checks done: from here on, state changes --
         if fresh_batch:
             alloc.set_rows(b)
+        self.dense = fresh_batch and self.dense_first
         shares = self._find_shares(ks, vs, n, lens, sq)
         need = sum(pages_for(n[r], self.page_size) - shares[r][1] if r in shares
                    else alloc.need_append(r, n[r]) for r in range(b))
@@ -120,7 +131,7 @@ class PageGroup:
     def check_read(self) -> None:
         """Raise unless each update of this step was followed by LayerZero's attention reading
         the metadata: another attention would have read the pages as if they were K/V."""
-        if self.meta is not None and self.meta.reads != self.writes:
+        if self.meta is not None and not self.dense and self.meta.reads != self.writes:
             impl = getattr(self.config, "_attn_implementation", None)
             raise ValueError(f"the attention that ran after a lz.PagedKVCache update did not read its "
                              f"page metadata: the model's attention is not LayerZero's "
@@ -260,6 +271,7 @@ class PageGroup:
             width = max(widest, self.width or 0, 2 * old_width if widest > old_width else old_width, 1)
             self.table = torch.full((rows, width), -1, dtype=torch.int32, device=device)
             self.seq_lens = torch.zeros(rows, dtype=torch.int32, device=device)
+            self.cap = torch.zeros(rows, dtype=torch.int32, device=device)
             self._written = [[] for _ in range(rows)]
         for row, old in enumerate(self._written):
             live = alloc.rows[row] if row < alloc.num_rows else []
@@ -324,6 +336,7 @@ class PageGroup:
 
     def reset(self) -> None:
         self.alloc.reset()
+        self.graph, self.graph_base, self.dense = False, None, False
         self.length = self.step = self.writes = 0
         for layer in self.layers:
             layer.steps = 0

@@ -47,6 +47,10 @@ class PagedMeta:
     they were. `window`: the sliding window (transformers' `sliding_window`: a query sees that
     many keys, itself included) the group keeps keys for, None when it keeps every key.
     `epoch`: the group's state this metadata describes (`consume` refuses stale metadata).
+    `graph`: metadata of graph mode (`PagedKVCache.reserve`): one object serves every decode step
+    (page_table is then the reserved width of the table), so `consume` neither checks the epoch
+    nor counts reads: traced code must not read Python state that changes per step, and a CUDA
+    graph's replays run no Python at all.
     """
     page_table: torch.Tensor
     seq_lens: torch.Tensor
@@ -55,6 +59,7 @@ class PagedMeta:
     group: object
     epoch: int
     reads: int = 0
+    graph: bool = False
 
     def csr(self):
         """(indptr, indices, last_page_len) for FlashInfer's paged wrappers (see `csr`)."""
@@ -64,8 +69,8 @@ class PagedMeta:
         """Called by the attention function that reads this metadata: refuse metadata of an
         earlier step, or of pages since freed / reordered / cropped, and an attention whose
         window is wider than the keys the group kept; count the read (the cache checks that
-        every layer's update was followed by one)."""
-        if self.epoch != self.group.epoch:
+        every layer's update was followed by one). Graph-mode metadata: the window check only."""
+        if not self.graph and self.epoch != self.group.epoch:
             raise ValueError("lz.PagedKVCache page metadata used after its pages changed (a later "
                              "step, or free / crop / reorder_cache / reset since): the pages it "
                              "names may hold other rows' keys now. Take the metadata of the "
@@ -75,4 +80,5 @@ class PagedMeta:
                              f"lz.PagedKVCache group that keeps only the last {self.window} keys "
                              f"per query (the config's sliding_window): the keys it would read "
                              f"were dropped. Build the cache from the model's own config")
-        self.reads += 1
+        if not self.graph:
+            self.reads += 1
