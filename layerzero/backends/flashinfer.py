@@ -432,14 +432,15 @@ def _standin_call(kernel_id: str, spec, device) -> None:
                                            None, None, spec.layout, spec.causal_align)
 
 
-def _dry_run(kernel_id: str, spec) -> bool:
-    """Is the variant built? Its stand-in call, with builds refused (see _guard_builds): loads
-    what is on disk, compiles nothing. Without the guard it can't tell: False (build it)."""
+def _dry_run(kernel_id: str, spec, call=None) -> bool:
+    """Is the variant built? Its stand-in call (`call`, default `_standin_call`), with builds
+    refused (see _guard_builds): loads what is on disk, compiles nothing. Without the guard it
+    can't tell: False (build it)."""
     if not _guard_builds():
         return False
     _local.dry = _local.standin = True
     try:
-        _standin_call(kernel_id, spec, _standin_device())
+        (call or _standin_call)(kernel_id, spec, _standin_device())
     except _NeedsBuild:
         return False
     finally:
@@ -447,29 +448,32 @@ def _dry_run(kernel_id: str, spec) -> bool:
     return True
 
 
-def _build(kernel_id: str, spec) -> None:
+def _build(kernel_id: str, spec, call=None) -> None:
     """Build the variant (on the background thread): its stand-in call, compiling as it goes."""
+    call = call or _standin_call
     device = _standin_device()
     _local.standin = True
     try:
         if device.type == "cuda":
             with torch.cuda.device(device):
-                _standin_call(kernel_id, spec, device)
+                call(kernel_id, spec, device)
                 torch.cuda.synchronize(device)
         else:
-            _standin_call(kernel_id, spec, device)
+            call(kernel_id, spec, device)
     finally:
         _local.standin = False
 
 
-def _build_reason(kernel_id: str, spec) -> list[str]:
+def _build_reason(kernel_id: str, spec, variant=None, call=None) -> list[str]:
     """[] when the call's variant is built, else why not (it may be building; warmup.need).
-    Asked only once FlashInfer is imported (the registry imports it when it is available)."""
+    Asked only once FlashInfer is imported (the registry imports it when it is available).
+    `variant` / `call`: the kernel's (key, description) and stand-in call, default this
+    module's (flashinfer_paged passes its own)."""
     if _MOD not in sys.modules:
         return []
-    key, what = _variant(kernel_id, spec)
-    why = warmup.need(kernel_id, spec, key, what, lambda: _dry_run(kernel_id, spec),
-                      lambda: _build(kernel_id, spec))
+    key, what = (variant or _variant)(kernel_id, spec)
+    why = warmup.need(kernel_id, spec, key, what, lambda: _dry_run(kernel_id, spec, call),
+                      lambda: _build(kernel_id, spec, call))
     return [why] if why else []
 
 

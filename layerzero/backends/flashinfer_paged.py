@@ -60,14 +60,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import sys
 import threading
 import weakref
 from typing import Optional
 
 import torch
 
-from .. import warmup
 from ..paged.meta import csr
 from ..registry import register
 from . import flashinfer as fib
@@ -301,44 +299,10 @@ def _standin_call(kernel_id: str, spec, device) -> None:
         30.0 if spec.softcap else None, None, "bshd")
 
 
-def _dry_run(kernel_id: str, spec) -> bool:
-    """Is the variant built? Its stand-in call with FlashInfer's builds refused (flashinfer.py's
-    guard): loads what is on disk, compiles nothing. Without the guard: False (build it)."""
-    if not fib._guard_builds():
-        return False
-    fib._local.dry = fib._local.standin = True
-    try:
-        _standin_call(kernel_id, spec, fib._standin_device())
-    except fib._NeedsBuild:
-        return False
-    finally:
-        fib._local.dry = fib._local.standin = False
-    return True
-
-
-def _build(kernel_id: str, spec) -> None:
-    """Build the variant (on warmup's background thread): its stand-in call, compiling."""
-    device = fib._standin_device()
-    fib._local.standin = True
-    try:
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                _standin_call(kernel_id, spec, device)
-                torch.cuda.synchronize(device)
-        else:
-            _standin_call(kernel_id, spec, device)
-    finally:
-        fib._local.standin = False
-
-
 def _build_reason(kernel_id: str, spec) -> list[str]:
-    """[] when the call's variant is built, else why not (warmup.need; it may be building)."""
-    if fib._MOD not in sys.modules:
-        return []
-    key, what = _variant(kernel_id, spec)
-    why = warmup.need(kernel_id, spec, key, what, lambda: _dry_run(kernel_id, spec),
-                      lambda: _build(kernel_id, spec))
-    return [why] if why else []
+    """[] when the call's variant is built, else why not: flashinfer.py's check (warmup.need,
+    a dry run of the stand-in call, a background build) with this module's variant and call."""
+    return fib._build_reason(kernel_id, spec, _variant, _standin_call)
 
 
 register("paged_attention", "flashinfer.paged_decode", paged_decode,
