@@ -64,8 +64,7 @@ import torch
 from .loop import (CHECK_EVERY, COMPILE_OPTIONS, COMPILE_OPTIONS_BATCHED, GRAPH_FALLBACK,  # noqa: F401
                    PREFILL_BUCKET, PREFILL_FALLBACK, TRACE_FLAGS, TRACE_FLAGS_BATCHED, _Loop)
 from .paged import _PagedLoop
-from .plan import (_MIN_LENGTH, _REFUSED_OPTIONS, _REFUSED_PROCESSORS, _WARPERS, _Plan,  # noqa: F401
-                   _check_options, _refuse, _paged_cache)
+from .plan import _Plan, _check_options, _paged_cache, _refuse, called_by_generate
 
 log = logging.getLogger("layerzero")
 
@@ -85,8 +84,7 @@ def generate(model, input_ids: torch.Tensor | None = None, logits_processor=None
     `custom_generate` callable of `model.generate`. `lz_patch=False`: don't `lz.patch` an
     unpatched model. Unsupported options raise ValueError (see the module's docstring)."""
     caller = sys._getframe(1)
-    if (caller.f_code.co_name == "generate"
-            and caller.f_globals.get("__name__") == "transformers.generation.utils"):
+    if called_by_generate(caller):
         # transformers calls us with everything prepared (its custom_generate protocol)
         outer = caller.f_locals
         if outer.get("assistant_model") is not None:

@@ -33,7 +33,51 @@ def _refuse(what: str) -> ValueError:
     return ValueError(f"lz.generate does not support {what}; use model.generate for it")
 
 
-class _Plan:
+def called_by_generate(frame) -> bool:
+    """Is `frame` transformers' `generate`, calling a `custom_generate` callable with everything
+    prepared (its protocol)? Else the callable was called directly."""
+    return (frame.f_code.co_name == "generate"
+            and frame.f_globals.get("__name__") == "transformers.generation.utils")
+
+
+def refused_setting(model, cfg, options: dict) -> str | None:
+    """What a custom decode loop refuses in `model` / generation config `cfg` (encoder-decoder,
+    beam search, an option of `options` set: name -> decoding method), described; None if none."""
+    if model.config.is_encoder_decoder:
+        return "encoder-decoder models"
+    if cfg.num_beams != 1:
+        return f"num_beams={cfg.num_beams} (beam search)"
+    for name, what in options.items():
+        v = getattr(cfg, name, None)
+        off = v is None or v is False or (name == "num_beam_groups" and v == 1) or (
+            name == "penalty_alpha" and v == 0)
+        if not off:
+            return f"{name}={v!r} ({what})"
+    return None
+
+
+class Warpers:
+    """The temperature / top-k / top-p / min-p settings of transformers' prepared warpers, as
+    lz.sample's arguments (lz.generate's and lz.speculative_generate's plans, which start them
+    at 1.0, None, None, None)."""
+
+    def _warper(self, p) -> bool:
+        """Take a warper into lz.sample's arguments; False when it has settings lz.sample lacks."""
+        if getattr(p, "min_tokens_to_keep", 1) != 1 or getattr(p, "filter_value", -float("inf")) != -float("inf"):
+            return False
+        name = type(p).__name__
+        if name == "TemperatureLogitsWarper":
+            self.temperature = float(p.temperature)
+        elif name == "TopKLogitsWarper":
+            self.top_k = int(p.top_k)
+        elif name == "TopPLogitsWarper":
+            self.top_p = float(p.top_p)
+        else:
+            self.min_p = float(p.min_p)
+        return True
+
+
+class _Plan(Warpers):
     """What the step does, read off transformers' prepared processors and criteria."""
 
     def __init__(self, cfg, processors, criteria, prompt_len: int, device):
@@ -72,21 +116,6 @@ class _Plan:
             self.eager_processors = list(processors)
             self.temperature, self.top_k, self.top_p, self.min_p, self.min_new = 1.0, None, None, None, 0
 
-    def _warper(self, p) -> bool:
-        """Take a warper into lz.sample's arguments; False when it has settings lz.sample lacks."""
-        if getattr(p, "min_tokens_to_keep", 1) != 1 or getattr(p, "filter_value", -float("inf")) != -float("inf"):
-            return False
-        name = type(p).__name__
-        if name == "TemperatureLogitsWarper":
-            self.temperature = float(p.temperature)
-        elif name == "TopKLogitsWarper":
-            self.top_k = int(p.top_k)
-        elif name == "TopPLogitsWarper":
-            self.top_p = float(p.top_p)
-        else:
-            self.min_p = float(p.min_p)
-        return True
-
     @property
     def stepwise(self) -> bool:
         return bool(self.eager_processors or self.eager_criteria)
@@ -98,16 +127,9 @@ class _Plan:
 
 
 def _check_options(model, cfg, model_kwargs: dict) -> None:
-    if model.config.is_encoder_decoder:
-        raise _refuse("encoder-decoder models")
-    if cfg.num_beams != 1:
-        raise _refuse(f"num_beams={cfg.num_beams} (beam search)")
-    for name, what in _REFUSED_OPTIONS.items():
-        v = getattr(cfg, name, None)
-        off = v is None or v is False or (name == "num_beam_groups" and v == 1) or (
-            name == "penalty_alpha" and v == 0)
-        if not off:
-            raise _refuse(f"{name}={v!r} ({what})")
+    why = refused_setting(model, cfg, _REFUSED_OPTIONS)
+    if why:
+        raise _refuse(why)
     if cfg.cache_implementation not in (None, "static", "dynamic"):
         raise _refuse(f"cache_implementation={cfg.cache_implementation!r}")
     extra = sorted(k for k, v in model_kwargs.items() if k not in _OWN_KWARGS and v is not None)

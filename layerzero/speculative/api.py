@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from ..generation import _MIN_LENGTH, _REFUSED_OPTIONS, _REFUSED_PROCESSORS, _WARPERS
+from ..generation.plan import (_MIN_LENGTH, _REFUSED_OPTIONS, _REFUSED_PROCESSORS, _WARPERS, Warpers,
+                               called_by_generate, refused_setting)
 from .loop import Loop, LookupDraft, ModelDraft, Runner
 
 SCHEDULES = ("heuristic", "constant")
@@ -99,8 +100,7 @@ def speculative_generate(target, draft=None, input_ids=None, /, logits_processor
     stats: a SpeculativeStats the call fills (acceptance rate, tokens per target forward).
     """
     caller = sys._getframe(1)
-    if (caller.f_code.co_name == "generate"
-            and caller.f_globals.get("__name__") == "transformers.generation.utils"):
+    if called_by_generate(caller):
         outer = caller.f_locals   # transformers' custom_generate protocol: draft is input_ids here
         if "draft" in kwargs:     # generate(..., draft=d): a keyword, so here (positional-only above)
             if draft_model is not None:
@@ -175,7 +175,7 @@ def check_pair(target, draft) -> None:
         raise ValueError(f"draft on {dd}, target on {td}: put both on one device")
 
 
-class _Plan:
+class _Plan(Warpers):
     """What each position's logits go through, read off transformers' prepared processors and
     criteria; anything else raises ValueError naming the option."""
 
@@ -210,32 +210,11 @@ class _Plan:
         if self.max_new is None:
             raise ValueError("generation has no max_length / max_new_tokens: speculative_generate needs a bound")
 
-    def _warper(self, p) -> bool:
-        if getattr(p, "min_tokens_to_keep", 1) != 1 or getattr(p, "filter_value", -float("inf")) != -float("inf"):
-            return False
-        name = type(p).__name__
-        if name == "TemperatureLogitsWarper":
-            self.temperature = float(p.temperature)
-        elif name == "TopKLogitsWarper":
-            self.top_k = int(p.top_k)
-        elif name == "TopPLogitsWarper":
-            self.top_p = float(p.top_p)
-        else:
-            self.min_p = float(p.min_p)
-        return True
-
 
 def _check_options(model, cfg, model_kwargs: dict) -> None:
-    if model.config.is_encoder_decoder:
-        raise _refuse("encoder-decoder models")
-    if cfg.num_beams != 1:
-        raise _refuse(f"num_beams={cfg.num_beams} (beam search)")
-    for name, what in _OPTIONS.items():
-        v = getattr(cfg, name, None)
-        off = v is None or v is False or (name == "num_beam_groups" and v == 1) or (
-            name == "penalty_alpha" and v == 0)
-        if not off:
-            raise _refuse(f"{name}={v!r} ({what})")
+    why = refused_setting(model, cfg, _OPTIONS)
+    if why:
+        raise _refuse(why)
     if cfg.cache_implementation not in (None, "static", "dynamic"):
         raise _refuse(f"cache_implementation={cfg.cache_implementation!r} (it takes 'dynamic' or 'static')")
     extra = sorted(k for k, v in model_kwargs.items() if k not in _OWN_KWARGS and v is not None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ..generation.loop import _forward_kwargs as forward_kwargs
 
 NEG = float("-inf")
 
@@ -68,15 +69,6 @@ def accept(scores: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, g
     # rejection needs p(x) < q(x)) but is guarded against rounding
     use_p = (n == k) | (resid.sum(-1) <= 0)
     return n, sample_probs(torch.where(use_p[:, None], p_n, resid))
-
-
-def forward_kwargs(model) -> tuple[str, bool, bool, bool]:
-    """(cache keyword, takes position_ids, takes cache_position, takes logits_to_keep)."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    cache_kw = "cache" if "cache" in params else "past_key_values"
-    return cache_kw, "position_ids" in params, "cache_position" in params, "logits_to_keep" in params
 
 
 class Runner:
