@@ -1,6 +1,7 @@
 """Shared test helpers: the flash-attention tolerance rule and call builders."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from layerzero import reference
@@ -28,3 +29,13 @@ def attention_reference(q, k, v, **kw):
     ref = reference.attention(d(q), d(k), d(v), **{n: d(x) for n, x in kw.items()})
     base = reference.attention(q, k, v, **kw, upcast=False)
     return ref, base
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run no faster on more threads, and much slower when other jobs share the
+    cores: a module importing this fixture runs on one torch thread (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,33 +21,14 @@ T = pytest.importorskip("transformers")
 
 import layerzero as lz  # noqa: E402
 from layerzero import generation as lzgen, reference, registry  # noqa: E402
-from test_paged_cache import _check_groups, _direct, _llama_config  # noqa: E402
+from test_paged_cache import PROMPT, REAL, _check_groups, _direct, _llama_config, _prompts  # noqa: E402
+from helpers import one_thread  # noqa: E402,F401  (autouse)
 from test_transformers import _build  # noqa: E402
 
 FAMILIES = ["llama", "mistral", "qwen3", "gemma2"]
-PROMPT = 9
-REAL = [9, 7, 4, 8]          # real tokens of each row (left padding before them)
 NEW = 8
 PAGE = 4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run no faster on more threads, and much slower when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _prompts(real=REAL):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 128, (len(real), PROMPT), generator=g)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(real):
-        mask[row, PROMPT - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def _pair(family):

@@ -23,32 +23,11 @@ T = pytest.importorskip("transformers")
 
 from layerzero.speculative import SpeculativeStats, check_pair, speculative_generate  # noqa: E402
 from layerzero.speculative import loop as spec_loop  # noqa: E402
+from helpers import one_thread  # noqa: E402,F401  (autouse)
+from test_generate import PROMPT, _batch  # noqa: E402
 from test_transformers import SMALL, _build  # noqa: E402
 
-PROMPT = 7
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run no faster on more threads, and much slower when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _batch(rows=3):
-    """Left-padded prompts: row 1 has 2 pads, row 2 has 5."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 128, (rows, PROMPT), generator=g)
-    mask = torch.ones_like(ids)
-    if rows > 1:
-        mask[1, :2] = 0
-    if rows > 2:
-        mask[2, :5] = 0
-    ids[mask == 0] = 0
-    return ids, mask
 
 
 def _noisy(model, scale=0.3, seed=5):
