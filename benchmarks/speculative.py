@@ -6,30 +6,36 @@ trained on the Python standard library; --pair DIR, default ~/.cache/layerzero/d
 trains it first when it is missing, a few minutes). Prompts: --prompt bytes from held-out stdlib
 files (`train_draft_pair.prompts`), --new new tokens, greedy, eos_token_id=None (every call makes
 --new tokens), --dtype (bf16) on CUDA. Variants per batch (--batch, default 1 8):
-  plain      target.generate(do_sample=False)
-  assisted   target.generate(assistant_model=draft) with transformers' defaults (its heuristic
-             schedule from 20 draft tokens); batch 1 only (transformers' assisted decoding takes one row)
-  lz         lz.speculative_generate(target, draft, num_draft_tokens=--k, heuristic schedule)
-  lz-lookup  lz.speculative_generate(target, None, prompt_lookup=3) (no draft model)
+  plain        target.generate(do_sample=False) (transformers' eager loop, DynamicCache)
+  assisted     target.generate(assistant_model=draft) with transformers' defaults (its heuristic
+               schedule from 20 draft tokens); batch 1 only (transformers' assisted decoding takes one row)
+  lz-eager     lz.speculative_generate(target, draft, num_draft_tokens=--k, lz_patch=False) with its
+               CUDA graphs off (`speculative.graphs.ENABLED`): the eager loop, unpatched models
+  lz           lz.speculative_generate(target, draft, num_draft_tokens=--k, heuristic schedule): both
+               models lz.patch-ed, each step (k draft forwards + verify) one CUDA graph per k
+  lz-lookup    lz.speculative_generate(target, None, prompt_lookup=3) (no draft model), graphed
+The unpatched variants run first; after each batch size lz.unpatch puts the models back.
 Part 2, the 1B-shaped llama of benchmarks/e2e_transformers.py (hidden 2048, 16 layers, 32/8 heads,
 intermediate 8192, vocab 128256; random weights, sdpa) with `OracleDraft`, a synthetic draft whose
 acceptance is set: it proposes the target's greedy token (read off the plain greedy output of the
 same prompts) with probability alpha, else a uniformly random token, at the cost of a forward of
 --draft-layers llama layers of the target's width (no output projection). Prompts of --prompt
-random tokens; alpha in --alphas (0.5 0.8 0.95), batch 1 and 8; variants plain and lz. Random
-weights give near-ties in the logits, so in bf16 the verify forward (k+1 tokens at once) can pick
-another greedy token than plain decoding (one token at a time); past that point the oracle is
-stale and acceptance falls below alpha: the measured acceptance is printed next to alpha
-(--dtype float32 avoids it at fp32 speed). The draft/target cost ratio (one-token forwards with a
-cache, median of 20) is measured and printed.
+random tokens; alpha in --alphas (0.5 0.8 0.95), batch 1 and 8; variants plain, lz-generate
+(lz.generate(target): plain greedy, compiled and CUDA-graphed, LayerZero without a draft) and lz
+(graphed). --dtype-1b, default float32: random weights give near-ties in the logits, and in
+bf16 the verify forward (k+1 tokens at once) picks another greedy token than plain decoding (one
+token at a time) within a few tokens; past that point the oracle is stale and acceptance falls
+far below alpha (H200, bf16: 0.04-0.15 measured at alpha 0.5-0.95). In fp32 both agree; the
+measured acceptance is printed next to alpha. The draft/target cost ratio (one-token forwards
+with a cache, eager, median of 20) is measured and printed.
 
-Timing: the first call of each variant and config is a warm-up; then --iters calls, each timed
-alone (torch.cuda.synchronize() before and after), median. tok/s = batch * new / seconds; speedup
-= tok/s / tok/s(plain) of the same config. Acceptance rate and tokens per target forward come from
-SpeculativeStats; `same` counts rows whose tokens equal plain greedy's. Goals printed at the end:
-trained pair lz >= 1.5x assisted (batch 1); 1B lz >= 2x plain at alpha 0.8 batch 1; 1B lz > 1x
-plain at alpha 0.8 batch 8. Everything runs eagerly (no lz.patch, no CUDA graphs: the graphed
-path is separate work); all variants use the same unpatched models. Writes --json.
+Timing: the first call of each variant and config is a warm-up (compiling, capturing); then
+--iters calls, each timed alone (torch.cuda.synchronize() before and after), median. tok/s =
+batch * new / seconds; speedup = tok/s / tok/s(plain) of the same config. Acceptance rate and
+tokens per target forward come from SpeculativeStats; `same` counts rows whose tokens equal plain
+greedy's. Goals printed at the end: trained pair lz >= 1.5x assisted (batch 1); 1B lz >= 2x
+plain at alpha 0.8 batch 1; 1B lz > 1x plain at alpha 0.8 batch 8 (plain: transformers' eager
+greedy; lz-generate's ratio is printed beside it). Writes --json.
 
     PYTHONPATH=$PWD python benchmarks/speculative.py --train --json $OUT/speculative.json
 --tiny: CPU, fp32, a pair trained by `train_draft_pair.py --tiny` into a temporary directory, the
@@ -56,7 +62,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "scripts"))
 import e2e_transformers as E  # noqa: E402
 import train_draft_pair as TP  # noqa: E402
 
+import layerzero as lz  # noqa: E402
 from layerzero.speculative import SpeculativeStats, speculative_generate  # noqa: E402
+from layerzero.speculative import graphs as spec_graphs  # noqa: E402
 
 GOALS = {"pair_vs_assisted_b1": 1.5, "1b_alpha0.8_b1": 2.0, "1b_alpha0.8_b8": 1.0}
 
@@ -80,7 +88,6 @@ class OracleDraft(torch.nn.Module):
         self.config = cfg
         self.generation_config = copy.deepcopy(target.generation_config)
         self.oracle, self.alpha, self.vocab = oracle, alpha, cfg.vocab_size
-        self.gen = torch.Generator(device=p.device).manual_seed(seed)
 
     def get_output_embeddings(self):
         return None
@@ -94,8 +101,10 @@ class OracleDraft(torch.nn.Module):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         nxt = (position_ids[:, -keep:] + 1).clamp(max=self.oracle.shape[1] - 1)
         truth = self.oracle.gather(1, nxt)
-        rand = torch.randint(self.vocab, truth.shape, device=truth.device, generator=self.gen)
-        coin = torch.rand(truth.shape, device=truth.device, generator=self.gen) < self.alpha
+        # the default generator: CUDA graphs capture its draws (a generator of its own would
+        # have to be registered with each graph)
+        rand = torch.randint(self.vocab, truth.shape, device=truth.device)
+        coin = torch.rand(truth.shape, device=truth.device) < self.alpha
         tok = torch.where(coin, truth, rand)
         logits = torch.zeros(*tok.shape, self.vocab, device=tok.device).scatter_(2, tok[..., None], 1.0)
         return types.SimpleNamespace(logits=logits)
@@ -152,7 +161,7 @@ def fmt(r: dict, plain_tps: float | None) -> str:
                  f"mean k {r['mean_k']}")
     same = f"same {r['same']}/{r['batch']}" if "same" in r else ""
     alpha = f"alpha {r['alpha']:<4} " if "alpha" in r else ""
-    return (f"  {r['variant']:<10} {alpha}b{r['batch']:<2} {r['tok_per_s']:9.1f} tok/s "
+    return (f"  {r['variant']:<12} {alpha}b{r['batch']:<2} {r['tok_per_s']:9.1f} tok/s "
             f"{r['median_s'] * 1e3:9.1f} ms  {speed:>12}  {extra}  {same}")
 
 
@@ -184,9 +193,12 @@ def part_pair(args, device, dtype) -> dict:
         mask = torch.ones_like(ids)
         gen = dict(attention_mask=mask, max_new_tokens=args.new, do_sample=False, eos_token_id=None,
                    pad_token_id=TP.PAD)
+        # unpatched variants first; the lz variants patch the models (lz.unpatch after each batch)
         variants = {"plain": lambda st: target.generate(ids, **gen)}
         if batch == 1:
             variants["assisted"] = lambda st: target.generate(ids, assistant_model=draft, **gen)
+        variants["lz-eager"] = lambda st: eager(speculative_generate, target, draft, ids, num_draft_tokens=args.k,
+                                                stats=st, lz_patch=False, **gen)
         variants["lz"] = lambda st: speculative_generate(target, draft, ids, num_draft_tokens=args.k, stats=st,
                                                          **gen)
         variants["lz-lookup"] = lambda st: speculative_generate(target, None, ids, prompt_lookup=3,
@@ -198,10 +210,22 @@ def part_pair(args, device, dtype) -> dict:
                 plain_tokens, plain_tps = toks, row["tok_per_s"]
             res["rows"].append(row)
             print(fmt(row, plain_tps if name != "plain" else None), flush=True)
+        lz.unpatch(target)
+        lz.unpatch(draft)
     return res
 
 
+def eager(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` with lz.speculative_generate's CUDA graphs off (its eager loop)."""
+    old, spec_graphs.ENABLED = spec_graphs.ENABLED, False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        spec_graphs.ENABLED = old
+
+
 def part_1b(args, device, dtype) -> dict:
+    dtype = getattr(torch, args.dtype_1b) if args.dtype_1b else dtype
     shape = E.TINY if args.tiny else E.SHAPES["1b"]
     target = E.build(shape, device, dtype)
     res = {"model": "tiny" if args.tiny else "1b", "draft_layers": args.draft_layers, "rows": [],
@@ -219,6 +243,12 @@ def part_1b(args, device, dtype) -> dict:
         plain_tps = row["tok_per_s"]
         print(fmt(row, None), flush=True)
         oracle = torch.cat([ids, plain_tokens], 1)
+        if not args.tiny and not args.no_lz_generate:   # LayerZero's plain greedy decoding (compiled, CUDA-graphed): the bar to beat
+            row, _ = run_variant("lz-generate", lambda st: lz.generate(target, ids, **gen), plain_tokens, batch,
+                                 args.new, device, args.iters, args.prompt)
+            row["speedup"] = round(row["tok_per_s"] / plain_tps, 3)
+            res["rows"].append(row)
+            print(fmt(row, plain_tps), flush=True)
         if batch == args.batch[0]:
             probe = OracleDraft(target, oracle, 1.0, args.draft_layers)
             res["draft_cost_ratio"] = round(cost_ratio(target, probe, ids, device), 4)
@@ -234,6 +264,7 @@ def part_1b(args, device, dtype) -> dict:
             res["rows"].append(row)
             print(fmt(row, plain_tps), flush=True)
             del spec
+        lz.unpatch(target)
     return res
 
 
@@ -285,6 +316,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="default bfloat16 (--tiny float32)")
     ap.add_argument("--parts", nargs="+", default=["pair", "1b"], choices=["pair", "1b"])
+    ap.add_argument("--dtype-1b", default=None, choices=["bfloat16", "float16", "float32"],
+                    help="the 1B part's dtype (default float32: see the docstring; --tiny: --dtype)")
+    ap.add_argument("--no-lz-generate", action="store_true", help="leave the 1B part's lz-generate variant out")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run (tiny models, fp32)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
@@ -292,6 +326,7 @@ def main(argv=None) -> dict:
     args.new = args.new or (16 if args.tiny else 128)
     args.iters = args.iters or (1 if args.tiny else 3)
     args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
+    args.dtype_1b = args.dtype_1b or (None if args.tiny else "float32")
     if args.tiny:   # one thread: tiny models gain nothing from more, and lose a lot on a busy machine
         torch.set_num_threads(1)
         args.batch = [b for b in args.batch if b <= 2] or [1]

@@ -22,6 +22,7 @@ import torch
 T = pytest.importorskip("transformers")
 
 from layerzero.speculative import SpeculativeStats, check_pair, speculative_generate  # noqa: E402
+from layerzero.speculative import graphs as spec_graphs  # noqa: E402
 from layerzero.speculative import loop as spec_loop  # noqa: E402
 from helpers import one_thread  # noqa: E402,F401  (autouse)
 from test_generate import PROMPT, _batch  # noqa: E402
@@ -175,6 +176,55 @@ def test_other_families_left_padded_batch_with_eos(family):
     got, via_generate = _both_routes(target, draft, ids, attention_mask=mask, eos_token_id=eos, stats=stats, **gen)
     assert torch.equal(got, want) and torch.equal(via_generate, want)
     assert stats.holes == (family not in ("mistral", "gemma2"))
+
+
+@pytest.mark.parametrize("family, drafter", [("llama", "model"), ("llama", "lookup"), ("mistral", "model"),
+                                             ("gemma2", "model"), ("qwen3", "lookup")])
+def test_fixed_addressing_of_the_graphed_steps_gives_the_targets_greedy(family, drafter, monkeypatch):
+    """The code CUDA graphs replay (columns from a device counter, fixed-width feeds, full-length
+    masks, static caches that seek instead of cropping), run eagerly on the CPU: batch 1 and a
+    left-padded batch of 3 with EOS, k adapting (a new step shape per k). The same steps as the
+    eager loop's: same acceptances, same k per step."""
+    target, draft = _pair(family)
+    if drafter == "lookup":
+        draft = None
+    for rows in (1, 3):
+        ids, mask = _batch(rows)
+        ids[0, -4:] = torch.tensor([5, 9, 5, 9])
+        gen = dict(max_new_tokens=14, do_sample=False, pad_token_id=0)
+        eos = _eos_that_stops(target, ids, mask, gen) if rows == 3 else None
+        want = target.generate(ids, attention_mask=mask, eos_token_id=eos, **gen)
+        runs = []
+        for fixed in (False, True):
+            monkeypatch.setattr(spec_graphs, "FIXED_ON_CPU", fixed)
+            stats = SpeculativeStats()
+            got = speculative_generate(target, draft, ids, attention_mask=mask, eos_token_id=eos, stats=stats,
+                                       **({"prompt_lookup": 2} if draft is None else {}), **gen)
+            assert torch.equal(got, want), (family, drafter, rows, fixed)
+            runs.append(stats)
+        prefill = int(draft is not None)      # fixed addressing feeds the draft the prompt first
+        assert runs[1].draft_forwards == runs[0].draft_forwards + prefill
+        runs[1].draft_forwards -= prefill
+        assert runs[0] == runs[1]
+        assert len(set(runs[1].draft_lengths)) > 1, runs[1].draft_lengths
+
+
+def test_fixed_addressing_samples_from_the_target_distribution(monkeypatch):
+    """Rejection sampling through the graphed steps' code (first-token marginal, chi-square)."""
+    monkeypatch.setattr(spec_graphs, "FIXED_ON_CPU", True)
+    target = _small("llama", 0, 2)
+    draft = _noisy(target, scale=0.5)
+    joint, _ = _probs(target, _warpers({}))
+    torch.manual_seed(321)
+    stats = SpeculativeStats()
+    out = speculative_generate(target, draft, torch.tensor([SPEC_PROMPT]).expand(N, -1), max_new_tokens=4,
+                               do_sample=True, num_draft_tokens=2, draft_schedule="constant", pad_token_id=0,
+                               eos_token_id=None, stats=stats)
+    assert 0.1 < stats.acceptance_rate < 0.8, stats
+    x0, x1, x2 = out[:, len(SPEC_PROMPT):len(SPEC_PROMPT) + 3].unbind(1)
+    counts = torch.zeros(V, V, V).index_put_((x0, x1, x2), torch.ones(N), accumulate=True)
+    assert _chi2_pvalue(counts.sum((0, 2)), N * joint.sum((0, 2))) > 1e-3
+    assert _chi2_pvalue(counts, N * joint) > 1e-3
 
 
 def test_return_dict_scores_logits_min_new_tokens_and_max_length():
@@ -424,7 +474,7 @@ def test_benchmark_tiny_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert {(r["variant"], r["batch"]) for r in res["pair"]["rows"]} == {
-        ("plain", 1), ("assisted", 1), ("lz", 1), ("lz-lookup", 1)}
+        ("plain", 1), ("assisted", 1), ("lz-eager", 1), ("lz", 1), ("lz-lookup", 1)}
     assert [r.get("alpha") for r in res["1b"]["rows"]] == [None, 0.5, 0.8, 0.95]
     assert all(r["same"] == r["batch"] for r in res["pair"]["rows"] + res["1b"]["rows"] if "same" in r)
     assert set(res["goals"]) == {"pair_vs_assisted_b1", "1b_alpha0.8_b1"}

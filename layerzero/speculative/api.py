@@ -9,6 +9,7 @@ import torch
 
 from ..generation.plan import (_MIN_LENGTH, _REFUSED_OPTIONS, _REFUSED_PROCESSORS, _WARPERS, Warpers,
                                called_by_generate, refused_setting)
+from . import graphs
 from .loop import Loop, LookupDraft, ModelDraft, Runner
 
 SCHEDULES = ("heuristic", "constant")
@@ -77,7 +78,7 @@ def speculative_generate(target, draft=None, input_ids=None, /, logits_processor
                          stopping_criteria=None, generation_config=None, *, draft_model=None,
                          num_draft_tokens: int = 4, max_draft_tokens: int | None = None,
                          draft_schedule: str = "heuristic", prompt_lookup: int | None = None,
-                         stats: SpeculativeStats | None = None, **kwargs):
+                         stats: SpeculativeStats | None = None, lz_patch: bool = True, **kwargs):
     """`target.generate(input_ids, **kwargs)`'s results from speculative decoding with `draft`.
 
         out = lz.speculative_generate(target, draft, input_ids, max_new_tokens=64)
@@ -98,6 +99,12 @@ def speculative_generate(target, draft=None, input_ids=None, /, logits_processor
     draft_schedule "heuristic" (k + 2 after a step where at least half the rows accepted all k,
     else k - 1, within 1..max_draft_tokens, default 2 * num_draft_tokens) or "constant".
     stats: a SpeculativeStats the call fills (acceptance rate, tokens per target forward).
+
+    On CUDA (no scores or logits asked for, no DynamicCache asked for) both models keep K/V in
+    full static caches and each step (the draft's k forwards, the target's verify, acceptance,
+    the bookkeeping) is one CUDA graph per k, replayed (`graphs`); the models are patched with
+    `lz.patch` first unless `lz_patch=False` (an unpatched model's eager attention may not
+    capture: that is logged and counted, and its steps run eagerly).
     """
     caller = sys._getframe(1)
     if called_by_generate(caller):
@@ -111,7 +118,7 @@ def speculative_generate(target, draft=None, input_ids=None, /, logits_processor
         if outer.get("synced_gpus"):
             raise _refuse("synced_gpus")
         spec = dict(num_draft_tokens=num_draft_tokens, max_draft_tokens=max_draft_tokens,
-                    draft_schedule=draft_schedule, prompt_lookup=prompt_lookup)
+                    draft_schedule=draft_schedule, prompt_lookup=prompt_lookup, lz_patch=lz_patch)
         return _run(target, draft_model, draft, logits_processor, stopping_criteria, generation_config,
                     outer.get("streamer"), spec, stats, kwargs)
     draft = kwargs.pop("draft", draft)                 # given as keywords: the same arguments
@@ -131,7 +138,7 @@ def speculative_generate(target, draft=None, input_ids=None, /, logits_processor
                            custom_generate=speculative_generate, draft_model=draft,
                            num_draft_tokens=num_draft_tokens, max_draft_tokens=max_draft_tokens,
                            draft_schedule=draft_schedule, prompt_lookup=prompt_lookup, stats=stats,
-                           **kwargs)
+                           lz_patch=lz_patch, **kwargs)
 
 
 def _special_ids(model, name: str):
@@ -244,13 +251,16 @@ def _full_static_cache(model, max_len: int):
     return cache
 
 
-def _target_cache(model, cfg, model_kwargs, need: int, roomy: int):
+def _target_cache(model, cfg, model_kwargs, need: int, roomy: int, fixed: bool):
     """(cache, capacity in columns) for the target. A StaticCache passed in is used as it is (its
-    capacity bounds k near the end); cache_implementation="static" gets a full-layer StaticCache of
-    `roomy` columns; otherwise a plain DynamicCache (one full layer per decoder layer)."""
+    capacity bounds k near the end); cache_implementation="static", or none asked for where the
+    steps are graphed (`fixed`), gets a full-layer StaticCache of `roomy` columns; otherwise a
+    plain DynamicCache (one full layer per decoder layer)."""
     from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
 
     given = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if given is not None and not getattr(given, "_is_user_defined", False):
+        given = None    # transformers' own empty cache for its loop (it marks the caller's)
     if given is not None and given.get_seq_length() != 0:
         raise _refuse(f"a cache holding {int(given.get_seq_length())} tokens (continuing from a cache)")
     if isinstance(given, StaticCache) and cfg.cache_implementation != "static":
@@ -265,7 +275,7 @@ def _target_cache(model, cfg, model_kwargs, need: int, roomy: int):
         return given, cap
     if given is not None and not isinstance(given, (DynamicCache, StaticCache)):
         raise _refuse(f"a cache of type {type(given).__name__} (DynamicCache or StaticCache)")
-    if cfg.cache_implementation == "static":
+    if cfg.cache_implementation == "static" or (fixed and given is None and cfg.cache_implementation is None):
         return _full_static_cache(model, roomy), roomy
     return DynamicCache(), None
 
@@ -275,7 +285,7 @@ def _run(target, draft, input_ids, processors, criteria, cfg, streamer, spec: di
     if input_ids is None or input_ids.dim() != 2:
         raise _refuse("inputs without 2-D input_ids (inputs_embeds or other modalities)")
     k0, kmax = spec["num_draft_tokens"], spec["max_draft_tokens"]
-    lookup, schedule = spec["prompt_lookup"], spec["draft_schedule"]
+    lookup, schedule, lz_patch = spec["prompt_lookup"], spec["draft_schedule"], spec["lz_patch"]
     if not isinstance(k0, int) or k0 < 1:
         raise ValueError(f"num_draft_tokens={k0!r}: must be an int >= 1")
     kmax = 2 * k0 if kmax is None else kmax
@@ -314,8 +324,12 @@ def _run(target, draft, input_ids, processors, criteria, cfg, streamer, spec: di
     # columns: plain decoding needs prompt + max_new - 1; each step adds at most kmax + 1 columns
     need = n + max_new - 1
     roomy = n + max_new + kmax + (max_new if holes else 0)
-    cache, cap = _target_cache(target, cfg, model_kwargs, need, roomy)
+    graphed = graphs.wanted(input_ids.device) and not (want_scores or want_logits)
+    cache, cap = _target_cache(target, cfg, model_kwargs, need, roomy, graphed or graphs.FIXED_ON_CPU)
     static = cap is not None
+    fixed = static and (graphed or graphs.FIXED_ON_CPU)
+    if graphed and fixed and lz_patch:
+        graphs.prepare(target, draft)
     if not static:
         cap = n + max_new * (kmax + 1) + 1    # never binds: the steps are at most max_new - 1
     runner.cache = cache
@@ -328,7 +342,8 @@ def _run(target, draft, input_ids, processors, criteria, cfg, streamer, spec: di
         drafter = LookupDraft(lookup)
     loop = Loop(runner, drafter, plan, input_ids, model_kwargs.get("attention_mask"), max_new=max_new,
                 cap=cap, kmax=kmax, crop_to_min=crop_to_min, want_scores=want_scores,
-                want_logits=want_logits)
+                want_logits=want_logits, fixed=fixed)
+    steps = graphs.StepGraphs(loop, models) if graphed and fixed else None
     stats.holes = not crop_to_min
     sent = 0
     loop.prefill()
@@ -342,7 +357,7 @@ def _run(target, draft, input_ids, processors, criteria, cfg, streamer, spec: di
         k = max(0, min(k_sched, need_max - 1, cap - loop.L - need_max))
         if k and isinstance(drafter, LookupDraft):
             k = min(k, drafter.available(loop, k))
-        out = loop.step(k)
+        out = loop.step(k) if steps is None else steps.step(k)
         m, was_active, accepted, full, active, need_max = out.tolist()
         loop.commit(k, m)
         stats.draft_lengths.append(k)

@@ -11,8 +11,15 @@ past its own n_j become holes (mask 0; transformers builds the 4-D mask from the
 position ids come from the count of real columns, so a hole shifts nothing).
 
 Everything per step but the choice of m's value on the host (one sync: `Loop.step` returns it
-with the counters the host needs) is tensor work on preallocated buffers, so the draft and verify
-functions can later be captured as CUDA graphs (one per k).
+with the counters the host needs) is tensor work on preallocated buffers.
+
+Fixed addressing (`Loop.fixed`, on CUDA: `graphs.StepGraphs` captures each k's step as one CUDA
+graph). The columns a step reads and writes are indexed from a device counter `Ld` (the host's `L`
+follows it, for bounds only); every feed is a fixed number of columns (the draft's first forward
+re-feeds column L-1 with the pending token at L: two columns, whatever the last step kept; one
+column per further draft), the mask goes in at the caches' full length, and the caches are full
+static ones that `seek` to the fed columns (no crop: rejected columns are overwritten later, and
+the causal mask hides them until then). The draft sees the prompt in `prefill`.
 """
 from __future__ import annotations
 
@@ -72,24 +79,41 @@ def accept(scores: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, g
 
 
 class Runner:
-    """A model with its cache, fed columns [start, end) of the layout."""
+    """A model with its cache, fed `width` columns of the layout from column `start`."""
 
     def __init__(self, model, cache):
         self.model, self.cache = model, cache
         self.cache_kw, self.takes_pos, self.takes_cp, self.takes_keep = forward_kwargs(model)
         self.forwards = 0
 
-    def __call__(self, loop: "Loop", start: int, end: int, keep: int) -> torch.Tensor:
-        """Float32 logits (B, keep, V) of the last `keep` columns fed."""
-        kw = {self.cache_kw: self.cache, "attention_mask": loop.mask[:, :end], "use_cache": True}
+    def __call__(self, loop: "Loop", start, width: int, keep: int) -> torch.Tensor:
+        """Float32 logits (B, keep, V) of the last `keep` columns fed. `start`: an int, or under
+        fixed addressing a 0-d device tensor (the static cache seeks to it; full-length mask)."""
+        if isinstance(start, torch.Tensor):
+            cols = start + loop.ar[:width]
+            self.seek(start)
+            ids, pos, mask = loop.tok.index_select(1, cols), loop.pos.index_select(1, cols), loop.mask[:, :loop.cap]
+        else:
+            cols = torch.arange(start, start + width, device=loop.tok.device)
+            end = start + width
+            ids, pos, mask = loop.tok[:, start:end], loop.pos[:, start:end], loop.mask[:, :end]
+        kw = {self.cache_kw: self.cache, "attention_mask": mask, "use_cache": True}
         if self.takes_pos:
-            kw["position_ids"] = loop.pos[:, start:end]
+            kw["position_ids"] = pos
         if self.takes_cp:
-            kw["cache_position"] = torch.arange(start, end, device=loop.tok.device)
+            kw["cache_position"] = cols
         if self.takes_keep:
             kw["logits_to_keep"] = keep
         self.forwards += 1
-        return self.model(input_ids=loop.tok[:, start:end], **kw).logits[:, -keep:].float()
+        return self.model(input_ids=ids, **kw).logits[:, -keep:].float()
+
+    def seek(self, start: torch.Tensor) -> None:
+        """The next update of every static layer writes at column `start` (transformers' layers
+        that count their length in a device tensor; older ones write at cache_position)."""
+        for layer in self.cache.layers:
+            n = getattr(layer, "cumulative_length", None)
+            if isinstance(n, torch.Tensor) and getattr(layer, "is_initialized", True):
+                n.copy_(start)
 
     def crop(self, drop: int) -> None:
         if drop:
@@ -105,21 +129,30 @@ class ModelDraft:
         self.run = runner
         self.seen = 0
 
+    def prefill(self, loop: "Loop") -> None:
+        """Fixed addressing: the prompt but its last column (re-fed by the first step)."""
+        if loop.prompt_len > 1:
+            self.run(loop, 0, loop.prompt_len - 1, 1)
+        self.seen = loop.prompt_len - 1
+
     def propose(self, loop: "Loop", k: int):
         drafts, qs = [], []
         start = self.seen
         for i in range(k):
-            end = loop.L + i + 1
-            scores = loop.process(self.run(loop, start, end, 1), loop.count[:, None] + i)[:, 0]
+            if loop.fixed:   # two columns first (L-1 and the pending token), then one per draft
+                at, width = (loop.Ld - 1, 2) if i == 0 else (loop.Ld + i, 1)
+            else:
+                at, width = start, loop.L + i + 1 - start
+                start = loop.L + i + 1
+            scores = loop.process(self.run(loop, at, width, 1), loop.count[:, None] + i)[:, 0]
             if loop.plan.greedy:
                 d = scores.argmax(-1)
             else:
                 q = scores.softmax(-1)
                 d = sample_probs(q)
                 qs.append(q)
-            loop.put_column(loop.L + i + 1, d, i + 1)
+            loop.put_column(loop.col(i + 1), d, i + 1)
             drafts.append(d)
-            start = end
         self.seen = loop.L + k
         return torch.stack(drafts, 1), (torch.stack(qs, 1) if qs else None)
 
@@ -137,11 +170,15 @@ class LookupDraft:
 
     def __init__(self, ngram: int):
         self.ngram = ngram
+        self.drafts = None      # (B, kmax) the candidates `propose` reads (one buffer: graphs read it)
 
     def available(self, loop: "Loop", k: int) -> int:
         """Find each row's k candidates (kept for `propose`); the most any row has from a match
         (the host reads it: a step with no match anywhere verifies the pending token alone)."""
-        self.drafts, found = self.candidates(loop, k)
+        drafts, found = self.candidates(loop, k)
+        if self.drafts is None or self.drafts.shape[1] < k:
+            self.drafts = torch.zeros_like(drafts)
+        self.drafts[:, :k].copy_(drafts)
         return int(found.max())
 
     def candidates(self, loop: "Loop", k: int):
@@ -170,7 +207,7 @@ class LookupDraft:
     def propose(self, loop: "Loop", k: int):
         drafts = self.drafts[:, :k]
         for i in range(k):
-            loop.put_column(loop.L + i + 1, drafts[:, i], i + 1)
+            loop.put_column(loop.col(i + 1), drafts[:, i], i + 1)
         return drafts, None
 
     def rollback(self, columns: int) -> None:
@@ -188,13 +225,16 @@ class Loop:
     """
 
     def __init__(self, target: Runner, draft, plan, input_ids, attention_mask, *, max_new: int,
-                 cap: int, kmax: int, crop_to_min: bool, want_scores: bool, want_logits: bool):
+                 cap: int, kmax: int, crop_to_min: bool, want_scores: bool, want_logits: bool,
+                 fixed: bool = False):
         self.target, self.draft, self.plan = target, draft, plan
-        self.max_new, self.crop_to_min = max_new, crop_to_min
+        self.max_new, self.crop_to_min, self.fixed, self.cap = max_new, crop_to_min, fixed, cap
         b, n = input_ids.shape
         dev = input_ids.device
         z = dict(device=dev, dtype=torch.long)
         self.prompt_len = n
+        self.Ld = torch.full((), n, **z)     # L on the device (fixed addressing)
+        self.ar = torch.arange(kmax + 2, **z)
         # columns [0, cap) reach the caches; one more holds the last pending token (never fed)
         self.tok = torch.zeros(b, cap + 1, **z)
         self.pos = torch.zeros(b, cap + 1, **z)
@@ -235,8 +275,18 @@ class Loop:
             logits = reference.filter_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)
         return logits
 
-    def put_column(self, col: int, tokens: torch.Tensor, offset: int) -> None:
-        """Column `col` holds `tokens` (B,) at position npos + offset, unmasked."""
+    def col(self, offset: int):
+        """Column L + offset: an int, or under fixed addressing a 0-d device tensor."""
+        return (self.Ld if self.fixed else self.L) + offset
+
+    def put_column(self, col, tokens: torch.Tensor, offset: int) -> None:
+        """Column `col` (`self.col(...)`) holds `tokens` (B,) at position npos + offset, unmasked."""
+        if isinstance(col, torch.Tensor):
+            at = col.view(1)
+            self.tok.index_copy_(1, at, tokens[:, None])
+            self.pos.index_copy_(1, at, (self.npos + offset)[:, None])
+            self.mask.index_fill_(1, at, 1)
+            return
         self.tok[:, col] = tokens
         self.pos[:, col] = self.npos + offset
         self.mask[:, col] = 1
@@ -257,7 +307,7 @@ class Loop:
             hit = torch.isin(emitted, self.eos) & (j <= n_eff[:, None]) & active[:, None]
             first = hit.long().argmax(1)
             ended = hit.any(1)
-            self.length = torch.where(ended & (self.length < 0), self.count + first + 1, self.length)
+            self.length.copy_(torch.where(ended & (self.length < 0), self.count + first + 1, self.length))
             self.unfinished &= ~ended
         self.count += torch.where(active, n_eff + 1, 0)
 
@@ -265,6 +315,8 @@ class Loop:
         """The prompt through the target; the first new token (pending at column L)."""
         n = self.prompt_len
         logits = self.target(self, 0, n, 1)                               # (B, 1, V)
+        if self.fixed and isinstance(self.draft, ModelDraft):
+            self.draft.prefill(self)
         scores = self.process(logits, self.count[:, None])
         if self.want_scores or self.want_logits:
             b, _, v = logits.shape
@@ -282,13 +334,13 @@ class Loop:
         (on the device) [m, rows active before the step, drafts they accepted, rows of them that
         accepted all k, rows still active, most new tokens an active row still needs]: the host
         reads it once, then calls `commit(m)`."""
-        L = self.L
+        L = self.col(0)
         active = self.unfinished & (self.count < self.max_new)
         if k:
             drafts, q = self.draft.propose(self, k)
         else:
             drafts, q = self.tok.new_zeros(self.tok.shape[0], 0), None
-        logits = self.target(self, L, L + k + 1, k + 1)                   # (B, k+1, V)
+        logits = self.target(self, L, k + 1, k + 1)                       # (B, k+1, V)
         index = self.count[:, None] + torch.arange(k + 1, device=logits.device)
         scores = self.process(logits, index)
         n, nxt = accept(scores, drafts, q, self.plan.greedy)
@@ -305,7 +357,11 @@ class Loop:
         emitted = cand.scatter(1, slot, torch.where((n <= m)[:, None], nxt[:, None], cand.gather(1, slot)))
         self._emit(emitted, n_eff, active, logits, scores)
         cols = torch.arange(k + 1, device=logits.device)[None]
-        self.mask[:, L:L + k + 1] = (cols <= slot).long()                 # holes past a row's own tokens
+        kept = (cols <= slot).long()                                      # holes past a row's own tokens
+        if self.fixed:
+            self.mask.index_copy_(1, L + self.ar[:k + 1], kept)
+        else:
+            self.mask[:, L:L + k + 1] = kept
         self.npos += n_eff + 1
         nxt_col = (L + m + 1).view(1, 1).expand(self.tok.shape[0], 1)
         self.tok.scatter_(1, nxt_col, emitted.gather(1, slot))
@@ -314,14 +370,18 @@ class Loop:
         still = self.unfinished & (self.count < self.max_new)
         need = torch.where(still, self.max_new - self.count, 0)
         act = active.long()
+        if self.fixed:
+            self.Ld += m + 1
         return torch.stack([m, act.sum(), (n * act).sum(),
                             ((n == k).long() * act).sum(), still.long().sum(), need.max()])
 
     def commit(self, k: int, m: int) -> None:
-        """Host side of a step: both caches drop the columns past L + m."""
-        self.target.crop(k - m)
+        """Host side of a step: both caches drop the columns past L + m (under fixed addressing
+        the step moved `Ld` and the next feeds seek: nothing to drop)."""
         self.L += m + 1
-        self.draft.rollback(self.L)
+        if not self.fixed:
+            self.target.crop(k - m)
+            self.draft.rollback(self.L)
 
     def kept(self) -> torch.Tensor:
         """New tokens each row keeps: up to its EOS, at most max_new."""

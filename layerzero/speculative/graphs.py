@@ -1,0 +1,95 @@
+"""CUDA graphs of lz.speculative_generate's steps: on CUDA each step (the draft's k forwards, the
+target's verify of k + 1 columns, acceptance, the bookkeeping; `loop.Loop.step` under fixed
+addressing) is captured once per k and replayed, so a step costs its kernels, not the Python and
+launches of some hundred of them. The host still reads one small tensor per step (m and the
+counters: the adaptive k and the stopping test need them).
+
+The first step of each k runs eagerly (it warms its kernels up: LayerZero's choices, Triton
+builds, cuBLAS handles); the second is captured, then replayed from there on. The graphs share
+one memory pool; each keeps the tensor the step returns. A capture that raises is logged and
+counted (`lz.metrics()["fallbacks"][GRAPH_FALLBACK]`) and the call's steps run eagerly."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .. import telemetry
+
+log = logging.getLogger("layerzero")
+
+GRAPH_FALLBACK = "lz.speculative.cuda_graph"
+ENABLED = True          # graph the steps on CUDA
+FIXED_ON_CPU = False    # tests: the graphed steps' fixed addressing on CPU (run eagerly: no graphs)
+
+
+def wanted(device: torch.device) -> bool:
+    """Are this call's steps graphed (before what the call asks for rules it out)?"""
+    return ENABLED and device.type == "cuda"
+
+
+def prepare(target, draft) -> None:
+    """`lz.patch` the models that are not patched (their attention must capture: LayerZero's
+    does), and, as lz.generate's graphed steps do, run their sibling projections (q/k/v, gate/up)
+    as one product each (`patching.siblings`). lz.unpatch undoes both."""
+    from ..generation import FUSE_SIBLINGS, _fuse_siblings
+    from ..patch import patch, report
+
+    for model in (target, draft):
+        if model is None:
+            continue
+        if report(model) is None:
+            patch(model)
+            log.info("lz.speculative_generate patched %s with lz.patch (lz.unpatch(model) undoes it)",
+                     type(model).__name__)
+        if FUSE_SIBLINGS:
+            _fuse_siblings(model)
+
+
+class StepGraphs:
+    """`step(k)`: the loop's step for k drafts, replayed from its CUDA graph once captured."""
+
+    def __init__(self, loop, runners):
+        self.loop, self.runners = loop, runners
+        self.graphs: dict = {}          # k -> (graph, the step's returned tensor, forwards per runner)
+        self.warm: set = set()
+        self.pool = None
+        self.failed = False
+
+    def step(self, k: int) -> torch.Tensor:
+        if self.failed:
+            return self.loop.step(k)
+        entry = self.graphs.get(k)
+        if entry is None:
+            if k not in self.warm:
+                self.warm.add(k)
+                return self.loop.step(k)
+            entry = self.graphs[k] = self._capture(k)
+            if entry is None:
+                return self.loop.step(k)
+        graph, out, forwards = entry
+        graph.replay()
+        for r, n in zip(self.runners, forwards):
+            r.forwards += n
+        return out
+
+    def _capture(self, k: int):
+        before = [r.forwards for r in self.runners]
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.loop.step(k)
+        except Exception as exc:  # noqa: BLE001 - any failure of the capture: steps run eagerly
+            self.failed = True
+            telemetry.count_fallback(GRAPH_FALLBACK)
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            log.warning("lz.speculative_generate: capturing the step of %d drafts of %s raised %s (%s); "
+                        "its steps run eagerly, without CUDA graphs", k,
+                        type(self.runners[0].model).__name__, type(exc).__name__, first)
+            return None
+        finally:
+            forwards = [r.forwards - b for r, b in zip(self.runners, before)]
+            for r, b in zip(self.runners, before):
+                r.forwards = b          # capturing ran nothing
+        self.pool = graph.pool()
+        return graph, out, forwards
