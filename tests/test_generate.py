@@ -147,6 +147,27 @@ def test_a_second_call_reuses_the_loop_with_another_prompt_length():
     assert len(lzgen._LOOPS[model]) == 1 and list(lzgen._LOOPS[model].values()) == list(loops.values())
 
 
+def test_kept_loops_go_with_the_model():
+    """The loops (caches, graphs) are kept on the model: a model lz.generate ran is freed with its
+    loops once the caller drops it, and a deepcopy starts without them."""
+    import gc
+    import weakref
+
+    _, model = _pair("llama")
+    model = copy.deepcopy(model)
+    ids, mask = _batch()
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    lz.generate(model, ids, attention_mask=mask, **gen)
+    assert len(lzgen._LOOPS[model]) == 1
+    twin = copy.deepcopy(model)
+    assert lzgen._LOOPS.get(twin) == {}
+    assert torch.equal(lz.generate(twin, ids, attention_mask=mask, **gen), lz.generate(model, ids, attention_mask=mask, **gen))
+    dead = [weakref.ref(model), weakref.ref(next(iter(lzgen._LOOPS[model].values())))]
+    del model, twin
+    gc.collect()
+    assert [r() for r in dead] == [None, None]
+
+
 def test_sampling_runs_through_lz_sample():
     _, model = _pair("llama")
     ids, mask = _batch()

@@ -209,6 +209,51 @@ def test_fixed_addressing_of_the_graphed_steps_gives_the_targets_greedy(family, 
         assert len(set(runs[1].draft_lengths)) > 1, runs[1].draft_lengths
 
 
+def test_a_graphed_loop_is_kept_for_the_next_call_of_its_shape(monkeypatch):
+    """The loop, its static caches and (on CUDA) graphs stay with the target: a second call with
+    other prompts of the same shape reuses them from a clean state (tokens and statistics as a
+    fresh loop's); another draft, length or EOS gets its own loop."""
+    monkeypatch.setattr(spec_graphs, "FIXED_ON_CPU", True)
+    target, draft = _pair()
+    spec_graphs._KEPT.pop(target)
+    built = []
+    real = spec_graphs.StepGraphs.__init__
+
+    def spy(self, *a, **kw):
+        built.append(self)
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(spec_graphs.StepGraphs, "__init__", spy)
+    gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ids, mask = _batch(3)
+    first = []
+    for shift in (0, 7, 0):
+        prompt = (ids + shift) % 100 + 1
+        want = target.generate(prompt, attention_mask=mask, eos_token_id=None, **gen)
+        stats = SpeculativeStats()
+        got = speculative_generate(target, draft, prompt, attention_mask=mask, eos_token_id=None, stats=stats, **gen)
+        assert torch.equal(got, want), shift
+        first.append(stats)
+    assert len(built) == 1                                # one loop served the three calls
+    assert first[0] == first[2]                           # the same prompts: the same steps, counted from 0
+    speculative_generate(target, _noisy(target), ids, attention_mask=mask, eos_token_id=None, **gen)
+    speculative_generate(target, draft, ids, attention_mask=mask, eos_token_id=[3], **gen)
+    speculative_generate(target, draft, ids[:, 1:], attention_mask=mask[:, 1:], eos_token_id=None, **gen)
+    assert len(built) == 4
+    # kept on the target (two: KEEP), holding the draft, and freed with them
+    import gc
+    import weakref
+
+    own_t, own_d = copy.deepcopy(target), copy.deepcopy(draft)
+    speculative_generate(own_t, own_d, ids, attention_mask=mask, eos_token_id=None, **gen)
+    built.clear()
+    assert len(spec_graphs._KEPT[own_t]) == 1 and len(spec_graphs._KEPT[target]) == spec_graphs.KEEP
+    dead = [weakref.ref(own_t), weakref.ref(own_d)]
+    del own_t, own_d
+    gc.collect()
+    assert [r() for r in dead] == [None, None]
+
+
 def test_fixed_addressing_samples_from_the_target_distribution(monkeypatch):
     """Rejection sampling through the graphed steps' code (first-token marginal, chi-square)."""
     monkeypatch.setattr(spec_graphs, "FIXED_ON_CPU", True)

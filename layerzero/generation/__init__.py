@@ -22,7 +22,8 @@ protocol); a direct call goes through `model.generate` the same way. The loop th
   count. Everything it touches is a preallocated tensor, so on CUDA the step is compiled once
   (`torch.compile(fullgraph=True)`: every kernel decision is made while tracing), captured as a
   CUDA graph per batch size and prompt+new length bucket, and replayed once per token. The graph
-  stays with the model for the next call of the same size (`_LOOPS`, the last `KEEP` per model).
+  stays with the model for the next call of the same size (`_LOOPS`, the last `KEEP` per model,
+  kept on the model itself: `kept`, so that it goes with the model).
 - checks for stopping every `CHECK_EVERY` tokens through an asynchronous copy (no host sync per
   token), then cuts the result where transformers' loop would have stopped.
 
@@ -56,13 +57,13 @@ import contextlib
 import dataclasses
 import logging
 import sys
-import weakref
 from typing import Any
 
 import torch
 
 from .loop import (CHECK_EVERY, COMPILE_OPTIONS, COMPILE_OPTIONS_BATCHED, GRAPH_FALLBACK,  # noqa: F401
                    PREFILL_BUCKET, PREFILL_FALLBACK, TRACE_FLAGS, TRACE_FLAGS_BATCHED, _Loop)
+from .kept import PerModel
 from .paged import _PagedLoop
 from .plan import _Plan, _check_options, _paged_cache, _refuse, called_by_generate
 
@@ -72,7 +73,7 @@ LENGTH_BUCKET = 256     # static cache lengths are multiples of this (reuse acro
 KEEP = 2                # captured loops kept per model
 # Graphed (CUDA) steps run sibling projections as one product: q/k/v and gate/up (patching.siblings).
 FUSE_SIBLINGS = True
-_LOOPS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_LOOPS = PerModel("_lz_generate_loops")     # model -> {key: loop}, kept on the model (kept.py)
 _logged: set = set()
 
 

@@ -217,6 +217,11 @@ class _Plan(Warpers):
         if self.max_new is None:
             raise ValueError("generation has no max_length / max_new_tokens: speculative_generate needs a bound")
 
+    def key(self) -> tuple:
+        """What the steps do, as a key (a kept graphed loop serves calls of equal keys)."""
+        ids = [None if t is None else tuple(t.tolist()) for t in (self.min_eos, self.eos)]
+        return (self.greedy, self.temperature, self.top_k, self.top_p, self.min_p, self.min_new, *ids, self.max_new)
+
 
 def _check_options(model, cfg, model_kwargs: dict) -> None:
     why = refused_setting(model, cfg, _OPTIONS)
@@ -251,6 +256,13 @@ def _full_static_cache(model, max_len: int):
     return cache
 
 
+def _callers_cache(model_kwargs: dict):
+    """The cache the caller passed (cache= / past_key_values=), or None; transformers' own empty
+    cache for its loop doesn't count (it marks the caller's `_is_user_defined`)."""
+    given = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    return given if getattr(given, "_is_user_defined", False) else None
+
+
 def _target_cache(model, cfg, model_kwargs, need: int, roomy: int, fixed: bool):
     """(cache, capacity in columns) for the target. A StaticCache passed in is used as it is (its
     capacity bounds k near the end); cache_implementation="static", or none asked for where the
@@ -258,9 +270,7 @@ def _target_cache(model, cfg, model_kwargs, need: int, roomy: int, fixed: bool):
     plain DynamicCache (one full layer per decoder layer)."""
     from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
 
-    given = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-    if given is not None and not getattr(given, "_is_user_defined", False):
-        given = None    # transformers' own empty cache for its loop (it marks the caller's)
+    given = _callers_cache(model_kwargs)
     if given is not None and given.get_seq_length() != 0:
         raise _refuse(f"a cache holding {int(given.get_seq_length())} tokens (continuing from a cache)")
     if isinstance(given, StaticCache) and cfg.cache_implementation != "static":
@@ -315,6 +325,18 @@ def _run(target, draft, input_ids, processors, criteria, cfg, streamer, spec: di
         return input_ids
     want_scores = bool(cfg.return_dict_in_generate and cfg.output_scores)
     want_logits = bool(cfg.return_dict_in_generate and cfg.output_logits)
+    graphed = graphs.wanted(input_ids.device) and not (want_scores or want_logits)
+    if graphed and lz_patch and input_ids.is_cuda:
+        graphs.prepare(target, draft)
+    # a graphed loop of this shape and these settings from an earlier call (its own caches only)
+    key = None
+    if graphed and cfg.cache_implementation in (None, "static") and _callers_cache(model_kwargs) is None:
+        key = (rows, n, max_new, kmax, lookup, plan.key())
+        steps = graphs.kept(target, draft, key)
+        if steps is not None:
+            steps.restart(input_ids, model_kwargs.get("attention_mask"))
+            return _decode(steps.loop, steps, plan, cfg, input_ids, k0, kmax, schedule, stats, streamer,
+                           model_kwargs, want_scores, want_logits)
     # Batches advance by their best row and leave holes, unless a model's attention counts columns
     # rather than positions (sliding windows, no position_ids): then by their worst row.
     runner = Runner(target, None)
@@ -324,12 +346,9 @@ def _run(target, draft, input_ids, processors, criteria, cfg, streamer, spec: di
     # columns: plain decoding needs prompt + max_new - 1; each step adds at most kmax + 1 columns
     need = n + max_new - 1
     roomy = n + max_new + kmax + (max_new if holes else 0)
-    graphed = graphs.wanted(input_ids.device) and not (want_scores or want_logits)
-    cache, cap = _target_cache(target, cfg, model_kwargs, need, roomy, graphed or graphs.FIXED_ON_CPU)
+    cache, cap = _target_cache(target, cfg, model_kwargs, need, roomy, graphed)
     static = cap is not None
-    fixed = static and (graphed or graphs.FIXED_ON_CPU)
-    if graphed and fixed and lz_patch:
-        graphs.prepare(target, draft)
+    fixed = static and graphed
     if not static:
         cap = n + max_new * (kmax + 1) + 1    # never binds: the steps are at most max_new - 1
     runner.cache = cache
@@ -344,7 +363,20 @@ def _run(target, draft, input_ids, processors, criteria, cfg, streamer, spec: di
                 cap=cap, kmax=kmax, crop_to_min=crop_to_min, want_scores=want_scores,
                 want_logits=want_logits, fixed=fixed)
     steps = graphs.StepGraphs(loop, models) if graphed and fixed else None
-    stats.holes = not crop_to_min
+    if steps is not None and key is not None:
+        graphs.keep(target, draft, key, steps)
+    return _decode(loop, steps, plan, cfg, input_ids, k0, kmax, schedule, stats, streamer, model_kwargs,
+                   want_scores, want_logits)
+
+
+def _decode(loop: Loop, steps, plan, cfg, input_ids, k0: int, kmax: int, schedule: str, stats, streamer,
+            model_kwargs, want_scores: bool, want_logits: bool):
+    """The host side of the loop after its set-up: prefill, steps with k from the schedule,
+    statistics, the result."""
+    rows, n = input_ids.shape
+    max_new, cap, drafter = plan.max_new, loop.cap, loop.draft
+    runner, models = loop.target, [loop.target] + ([drafter.run] if isinstance(drafter, ModelDraft) else [])
+    stats.holes = not loop.crop_to_min
     sent = 0
     loop.prefill()
     if streamer is not None:
@@ -372,7 +404,7 @@ def _run(target, draft, input_ids, processors, criteria, cfg, streamer, spec: di
     kept = loop.kept()
     stats.new_tokens = int(kept.sum())
     stats.target_forwards = runner.forwards
-    stats.draft_forwards = models[1].forwards if draft is not None else 0
+    stats.draft_forwards = models[1].forwards if len(models) > 1 else 0
     t = int(kept.max())
     new = loop.seq[:, n:n + t].clone()
     if plan.eos is not None and cfg._pad_token_tensor is not None:

@@ -7,25 +7,34 @@ counters: the adaptive k and the stopping test need them).
 The first step of each k runs eagerly (it warms its kernels up: LayerZero's choices, Triton
 builds, cuBLAS handles); the second is captured, then replayed from there on. The graphs share
 one memory pool; each keeps the tensor the step returns. A capture that raises is logged and
-counted (`lz.metrics()["fallbacks"][GRAPH_FALLBACK]`) and the call's steps run eagerly."""
+counted (`lz.metrics()["fallbacks"][GRAPH_FALLBACK]`) and the call's steps run eagerly.
+
+The loop (its buffers and static caches) and its graphs stay with the target for the next call
+of the same shape and settings (`kept` / `keep`: the last KEEP per target, the draft held
+weakly), which then starts replaying at once: a call's captures cost about one eager step per k."""
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
 from .. import telemetry
+from ..generation.kept import PerModel
 
 log = logging.getLogger("layerzero")
 
 GRAPH_FALLBACK = "lz.speculative.cuda_graph"
 ENABLED = True          # graph the steps on CUDA
 FIXED_ON_CPU = False    # tests: the graphed steps' fixed addressing on CPU (run eagerly: no graphs)
+KEEP = 2                # graphed loops kept per target
+_KEPT = PerModel("_lz_speculative_loops")   # target -> {key: (draft ref, StepGraphs)}, on the target
 
 
 def wanted(device: torch.device) -> bool:
-    """Are this call's steps graphed (before what the call asks for rules it out)?"""
-    return ENABLED and device.type == "cuda"
+    """Are this call's steps graphed (before what the call asks for rules it out)? With
+    FIXED_ON_CPU, CPU calls take the same path, with steps that run eagerly."""
+    return ENABLED and (device.type == "cuda" or FIXED_ON_CPU)
 
 
 def prepare(target, draft) -> None:
@@ -46,6 +55,25 @@ def prepare(target, draft) -> None:
             _fuse_siblings(model)
 
 
+def kept(target, draft, key: tuple):
+    """The StepGraphs kept for (target, draft, key) by `keep`, or None."""
+    entry = (_KEPT.get(target) or {}).get(key)
+    if entry is None:
+        return None
+    ref, steps = entry
+    if (ref() if ref is not None else None) is not draft:
+        return None
+    return steps
+
+
+def keep(target, draft, key: tuple, steps: "StepGraphs") -> None:
+    loops = _KEPT.setdefault(target, {})
+    loops.pop(key, None)
+    while len(loops) >= KEEP:
+        loops.pop(next(iter(loops)))
+    loops[key] = (weakref.ref(draft) if draft is not None else None, steps)
+
+
 class StepGraphs:
     """`step(k)`: the loop's step for k drafts, replayed from its CUDA graph once captured."""
 
@@ -54,7 +82,18 @@ class StepGraphs:
         self.graphs: dict = {}          # k -> (graph, the step's returned tensor, forwards per runner)
         self.warm: set = set()
         self.pool = None
-        self.failed = False
+        self.failed = not loop.tok.is_cuda     # (FIXED_ON_CPU: eager steps)
+
+    def restart(self, input_ids: torch.Tensor, attention_mask) -> None:
+        """A new call of the loop's shape: its state from these prompts, empty caches, counters
+        from zero; the graphs stay."""
+        self.loop.reset(input_ids, attention_mask)
+        for r in self.runners:
+            r.forwards = 0
+            for layer in r.cache.layers:
+                layer.reset()
+        if hasattr(self.loop.draft, "seen"):
+            self.loop.draft.seen = 0
 
     def step(self, k: int) -> torch.Tensor:
         if self.failed:

@@ -241,23 +241,36 @@ class Loop:
         self.mask = torch.zeros(b, cap + 1, **z)
         self.width = n + max_new + kmax + 2                 # the last column: a bin for overflow writes
         self.seq = torch.zeros(b, self.width, **z)
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-        self.tok[:, :n] = input_ids
-        self.mask[:, :n] = mask
-        pos = mask.cumsum(-1) - 1
-        self.pos[:, :n] = pos.masked_fill(mask == 0, 1)
-        self.seq[:, :n] = input_ids
-        self.prompt_valid = mask.sum(-1)
-        self.npos = self.prompt_valid.clone()
+        self.prompt_valid = torch.zeros(b, **z)
+        self.npos = torch.zeros(b, **z)
         self.count = torch.zeros(b, **z)
         self.length = torch.full((b,), -1, **z)
         self.unfinished = torch.ones(b, dtype=torch.bool, device=dev)
-        self.L = n
+        self.reset(input_ids, attention_mask)
         self.scores = self.logits = None
         self.want_scores, self.want_logits = want_scores, want_logits
         self.eos = None if plan.eos is None else plan.eos.to(dev)
         self.min_eos = None                                 # (1, 1, V) bool, built on first use
         self.scores_len = self.width - n                    # new-token slots of scores/logits
+
+    def reset(self, input_ids: torch.Tensor, attention_mask) -> None:
+        """The state of a new call with prompts of this loop's shape, in the same tensors (a
+        graphed loop is kept for the next call of its shape: its graphs name them)."""
+        n = self.prompt_len
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        for t in (self.tok, self.pos, self.mask, self.seq, self.count):
+            t.zero_()
+        self.tok[:, :n] = input_ids
+        self.mask[:, :n] = mask
+        pos = mask.cumsum(-1) - 1
+        self.pos[:, :n] = pos.masked_fill(mask == 0, 1)
+        self.seq[:, :n] = input_ids
+        self.prompt_valid.copy_(mask.sum(-1))
+        self.npos.copy_(self.prompt_valid)
+        self.length.fill_(-1)
+        self.unfinished.fill_(True)
+        self.Ld.fill_(n)
+        self.L = n
 
     # -- per-step tensor work -------------------------------------------------------------------
     def process(self, logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

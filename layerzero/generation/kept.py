@@ -1,0 +1,42 @@
+"""Decode loops kept with the model they run (`PerModel`): lz.generate's and
+lz.speculative_generate's loops hold their model, its caches and CUDA graphs, so a table keyed
+weakly by the model would keep every model alive (its values reach the key). Kept in an attribute
+of the model instead, model -> loops -> model is a cycle the garbage collector frees with the
+model; copies and pickles of the model start with none."""
+from __future__ import annotations
+
+
+class Loops(dict):
+    """{key: loop} on one model; a deepcopy or a pickle of the model gets an empty one."""
+
+    def __deepcopy__(self, memo):
+        return Loops()
+
+    def __reduce__(self):
+        return (Loops, ())
+
+
+class PerModel:
+    """{model: Loops} kept as the attribute `name` of each model (dict-like: setdefault, get,
+    [], pop)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def get(self, model, default=None):
+        return model.__dict__.get(self.name, default)
+
+    def __getitem__(self, model) -> Loops:
+        loops = self.get(model)
+        if loops is None:
+            raise KeyError(model)
+        return loops
+
+    def setdefault(self, model, default=None) -> Loops:
+        loops = self.get(model)
+        if loops is None:
+            loops = model.__dict__[self.name] = Loops()
+        return loops
+
+    def pop(self, model, default=None):
+        return model.__dict__.pop(self.name, default)
