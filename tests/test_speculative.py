@@ -19,6 +19,8 @@ import sys
 import pytest
 import torch
 
+import layerzero as lz
+
 T = pytest.importorskip("transformers")
 
 from layerzero.speculative import SpeculativeStats, check_pair, speculative_generate  # noqa: E402
@@ -92,6 +94,38 @@ def test_greedy_is_the_targets_greedy(rows, cache):
     assert 0 < stats.acceptance_rate < 1, stats          # steps with rejections and with acceptances
     assert stats.holes and stats.rows == rows
     assert stats.target_forwards < 14                    # fewer target forwards than tokens
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_greedy_with_a_paged_cache_is_the_targets_greedy(family):
+    """An lz.PagedKVCache as the target's cache (a model with LayerZero's attention): batch 1 and a
+    left-padded batch of 3 with EOS, a draft model and prompt lookup; the batch advances by its
+    worst row (the cache keeps no holes) and crop takes the rejected columns back; afterwards the
+    cache holds each row's real tokens (padding takes no page)."""
+    from test_paged_cache import _check_groups, _model
+
+    target = _model(family)
+    draft = _noisy(target, scale=0.1)
+    for rows in (1, 3):
+        ids, mask = _batch(rows)
+        ids[0, -4:] = torch.tensor([5, 9, 5, 9])
+        gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+        eos = _eos_that_stops(target, ids, mask, gen) if rows == 3 else None
+        want = target.generate(ids, attention_mask=mask, eos_token_id=eos, **gen)
+        for d, kw in ((draft, {}), (None, {"prompt_lookup": 2})):
+            cache = lz.PagedKVCache(target.config, page_size=4)
+            stats = SpeculativeStats()
+            got = speculative_generate(target, d, ids, attention_mask=mask, eos_token_id=eos, cache=cache,
+                                       stats=stats, **kw, **gen)
+            assert torch.equal(got, want), (rows, kw)
+            assert (stats.accepted > 0 or d is None) and (rows == 1 or stats.holes is False)
+            _check_groups(cache)
+            for g in cache.groups:
+                assert g.alloc.lens == (mask.sum(1) + cache.get_seq_length() - PROMPT).tolist()
+    in_graph = lz.PagedKVCache(target.config, page_size=4)
+    lz.generate(target, ids[:1], attention_mask=mask[:1], max_new_tokens=2, do_sample=False, cache=in_graph)
+    with pytest.raises(ValueError, match="holding"):
+        speculative_generate(target, draft, ids[:1], cache=in_graph, max_new_tokens=4)
 
 
 def test_a_static_cache_without_room_decodes_plainly_and_one_too_small_raises():

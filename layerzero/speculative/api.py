@@ -100,11 +100,13 @@ def speculative_generate(target, draft=None, input_ids=None, /, logits_processor
     else k - 1, within 1..max_draft_tokens, default 2 * num_draft_tokens) or "constant".
     stats: a SpeculativeStats the call fills (acceptance rate, tokens per target forward).
 
-    On CUDA (no scores or logits asked for, no DynamicCache asked for) both models keep K/V in
-    full static caches and each step (the draft's k forwards, the target's verify, acceptance,
-    the bookkeeping) is one CUDA graph per k, replayed (`graphs`); the models are patched with
-    `lz.patch` first unless `lz_patch=False` (an unpatched model's eager attention may not
-    capture: that is logged and counted, and its steps run eagerly).
+    The target's K/V: a DynamicCache, a StaticCache, or an lz.PagedKVCache passed as `cache=`
+    (the target must run LayerZero's attention; the batch then advances by its worst row).
+    On CUDA (no scores or logits asked for, no cache of the caller's but a StaticCache) both
+    models keep K/V in full static caches and each step (the draft's k forwards, the target's
+    verify, acceptance, the bookkeeping) is one CUDA graph per k, replayed (`graphs`); the
+    models are patched with `lz.patch` first unless `lz_patch=False` (an unpatched model's eager
+    attention may not capture: that is logged and counted, and its steps run eagerly).
     """
     caller = sys._getframe(1)
     if called_by_generate(caller):
@@ -265,14 +267,22 @@ def _callers_cache(model_kwargs: dict):
 
 def _target_cache(model, cfg, model_kwargs, need: int, roomy: int, fixed: bool):
     """(cache, capacity in columns) for the target. A StaticCache passed in is used as it is (its
-    capacity bounds k near the end); cache_implementation="static", or none asked for where the
-    steps are graphed (`fixed`), gets a full-layer StaticCache of `roomy` columns; otherwise a
-    plain DynamicCache (one full layer per decoder layer)."""
+    capacity bounds k near the end), so are a DynamicCache and an lz.PagedKVCache (no bound);
+    cache_implementation="static", or none asked for where the steps are graphed (`fixed`), gets
+    a full-layer StaticCache of `roomy` columns; otherwise a plain DynamicCache (one full layer
+    per decoder layer)."""
     from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
 
+    from ..paged.cache import PagedKVCache
+
     given = _callers_cache(model_kwargs)
+    if isinstance(given, PagedKVCache) and given.graph_mode:
+        raise ValueError("this lz.PagedKVCache is in graph mode (pages reserved by an earlier decode "
+                         "loop); call cache.reset() before lz.speculative_generate")
     if given is not None and given.get_seq_length() != 0:
         raise _refuse(f"a cache holding {int(given.get_seq_length())} tokens (continuing from a cache)")
+    if isinstance(given, (DynamicCache, PagedKVCache)):
+        return given, None
     if isinstance(given, StaticCache) and cfg.cache_implementation != "static":
         odd = sorted({type(layer).__name__ for layer in given.layers if type(layer) is not StaticLayer})
         if odd:
@@ -283,8 +293,8 @@ def _target_cache(model, cfg, model_kwargs, need: int, roomy: int, fixed: bool):
             raise ValueError(f"the StaticCache holds {cap} tokens; this call needs at least {need} "
                              "(prompt + max_new_tokens - 1) and uses more, when it has room, to draft")
         return given, cap
-    if given is not None and not isinstance(given, (DynamicCache, StaticCache)):
-        raise _refuse(f"a cache of type {type(given).__name__} (DynamicCache or StaticCache)")
+    if given is not None and not isinstance(given, StaticCache):
+        raise _refuse(f"a cache of type {type(given).__name__} (DynamicCache, StaticCache or lz.PagedKVCache)")
     if cfg.cache_implementation == "static" or (fixed and given is None and cfg.cache_implementation is None):
         return _full_static_cache(model, roomy), roomy
     return DynamicCache(), None
@@ -338,10 +348,13 @@ def _run(target, draft, input_ids, processors, criteria, cfg, streamer, spec: di
             return _decode(steps.loop, steps, plan, cfg, input_ids, k0, kmax, schedule, stats, streamer,
                            model_kwargs, want_scores, want_logits)
     # Batches advance by their best row and leave holes, unless a model's attention counts columns
-    # rather than positions (sliding windows, no position_ids): then by their worst row.
+    # rather than positions (sliding windows, no position_ids) or the cache keeps no holes (an
+    # lz.PagedKVCache): then by their worst row.
     runner = Runner(target, None)
     models = [runner] + ([Runner(draft, None)] if draft is not None else [])
-    holes = rows > 1 and "sliding_attention" not in types and all(r.takes_pos for r in models)
+    # (a PagedKVCache keeps each row's real tokens only: no holes)
+    paged = type(_callers_cache(model_kwargs)).__name__ == "PagedKVCache"
+    holes = rows > 1 and "sliding_attention" not in types and all(r.takes_pos for r in models) and not paged
     crop_to_min = rows > 1 and not holes
     # columns: plain decoding needs prompt + max_new - 1; each step adds at most kmax + 1 columns
     need = n + max_new - 1

@@ -365,6 +365,8 @@ class Loop:
         else:
             m = torch.where(active, n, 0).max()
         n_eff = torch.minimum(n, m)
+        if self.crop_to_min:   # rows done already keep m + 1 columns too: no holes at all
+            n_eff = torch.where(active, n_eff, m)
         slot = n_eff[:, None]
         cand = torch.cat([drafts, nxt[:, None]], 1)                       # (B, k+1)
         emitted = cand.scatter(1, slot, torch.where((n <= m)[:, None], nxt[:, None], cand.gather(1, slot)))
