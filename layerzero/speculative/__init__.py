@@ -32,10 +32,12 @@ position_ids) holes would shift the window, so there the batch keeps its *worst*
 instead (no holes; rows that accepted more emit their next accepted draft, which is still an
 exact sample, and lose the rest). Batch 1 never has holes. `SpeculativeStats.holes` says which.
 
-Caches: a plain DynamicCache by default; `cache_implementation="static"` gets full-length static
-layers sized for the prompt, the new tokens, k and (batches) holes; a StaticCache you pass is used
-as it is, and its spare room bounds k (with exactly prompt + max_new_tokens - 1 it decodes plainly).
-The draft gets a cache of the same kind.
+Caches: a plain DynamicCache by default (one you pass is filled); `cache_implementation="static"`
+gets full-length static layers sized for the prompt, the new tokens, k and (batches) holes; a
+StaticCache you pass is used as it is, and its spare room bounds k (with exactly prompt +
+max_new_tokens - 1 it decodes plainly); an lz.PagedKVCache you pass keeps the target's K/V in
+pages (no holes: the batch keeps its worst row's count). The draft gets a cache of the same kind
+(a DynamicCache for a paged target).
 
 Adaptive k ("heuristic", transformers' schedule for assistants): k + 2 after a step where at
 least half the active rows accepted all k drafts, else k - 1, within 1..max_draft_tokens; k also
@@ -44,10 +46,14 @@ after it become pad_token_id, as generate() does); the call returns exactly what
 max_new_tokens new tokens unless every row ended earlier.
 
 Per step, everything but one host read (the number of columns kept, with the counters that decide
-the next k) is tensor work on preallocated buffers (`Loop.step`), so a GPU path can capture the
-draft and verify functions as CUDA graphs later. Unsupported options (beam search, repetition
+the next k) is tensor work on preallocated buffers (`Loop.step`). On CUDA each step is one CUDA
+graph per k (`graphs`: fixed addressing, full static caches, the models lz.patch-ed), kept with
+the target for the next call of the same shape. Unsupported options (beam search, repetition
 penalty and other processors that need a row's text, stop strings, assistant_model=, streamers
 with batches, output_attentions, ...) raise ValueError naming the option.
+
+Modules: `api` (entry point, host loop, statistics), `plan` (options, pair check), `caches`,
+`loop` (the column layout, drafts, verification), `graphs` (the CUDA graphs).
 """
 from .api import SpeculativeStats, check_pair, speculative_generate
 

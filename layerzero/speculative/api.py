@@ -1,5 +1,6 @@
-"""lz.speculative_generate: the entry point, its option checks, the draft/target pair check, the
-statistics and the host side of the loop (k per step, cache sizes, the result)."""
+"""lz.speculative_generate: the entry point, the statistics and the host side of the loop (k per
+step, cache sizes, the kept graphed loops, the result); the option checks are in `plan`, the
+caches in `caches`."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,40 +8,11 @@ import sys
 
 import torch
 
-from ..generation.plan import (_MIN_LENGTH, _REFUSED_OPTIONS, _REFUSED_PROCESSORS, _WARPERS, Warpers,
-                               called_by_generate, refused_setting)
+from ..generation.plan import called_by_generate
 from . import graphs
+from .caches import _callers_cache, _full_static_cache, _target_cache
 from .loop import Loop, LookupDraft, ModelDraft, Runner
-
-SCHEDULES = ("heuristic", "constant")
-# transformers' processors / criteria this loop can't run, by the option that adds them
-_PROCESSOR_OPTIONS = {
-    "RepetitionPenaltyLogitsProcessor": "repetition_penalty",
-    "EncoderRepetitionPenaltyLogitsProcessor": "encoder_repetition_penalty",
-    "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
-    "EncoderNoRepeatNGramLogitsProcessor": "encoder_no_repeat_ngram_size",
-    "NoBadWordsLogitsProcessor": "bad_words_ids", "SequenceBiasLogitsProcessor": "sequence_bias",
-    "ForcedBOSTokenLogitsProcessor": "forced_bos_token_id",
-    "ForcedEOSTokenLogitsProcessor": "forced_eos_token_id",
-    "SuppressTokensLogitsProcessor": "suppress_tokens",
-    "SuppressTokensAtBeginLogitsProcessor": "begin_suppress_tokens",
-    "InfNanRemoveLogitsProcessor": "remove_invalid_values", "LogitNormalization": "renormalize_logits",
-    "ExponentialDecayLengthPenalty": "exponential_decay_length_penalty",
-    "TypicalLogitsWarper": "typical_p", "EpsilonLogitsWarper": "epsilon_cutoff",
-    "EtaLogitsWarper": "eta_cutoff", "TopHLogitsWarper": "top_h",
-    "SynthIDTextWatermarkLogitsProcessor": "watermarking_config",
-    "WatermarkLogitsProcessor": "watermarking_config",
-}
-_CRITERIA_OPTIONS = {"StopStringCriteria": "stop_strings", "MaxTimeCriteria": "max_time"}
-_OPTIONS = {**_REFUSED_OPTIONS,
-            "prompt_lookup_num_tokens": "transformers' prompt lookup; pass prompt_lookup=n instead"}
-# model kwargs transformers prepares that the loop replaces with its own
-_OWN_KWARGS = {"attention_mask", "position_ids", "use_cache", "logits_to_keep", "cache",
-               "past_key_values", "cache_position", "return_dict"}
-
-
-def _refuse(what: str) -> ValueError:
-    return ValueError(f"lz.speculative_generate does not support {what}; use model.generate for it")
+from .plan import SCHEDULES, _check_options, _layer_types, _Plan, _refuse, check_pair
 
 
 @dataclasses.dataclass
@@ -141,163 +113,6 @@ def speculative_generate(target, draft=None, input_ids=None, /, logits_processor
                            num_draft_tokens=num_draft_tokens, max_draft_tokens=max_draft_tokens,
                            draft_schedule=draft_schedule, prompt_lookup=prompt_lookup, stats=stats,
                            lz_patch=lz_patch, **kwargs)
-
-
-def _special_ids(model, name: str):
-    v = getattr(getattr(model, "generation_config", None), name, None)
-    if v is None:
-        v = getattr(model.config.get_text_config(decoder=True), name, None)
-    if isinstance(v, torch.Tensor):
-        v = v.tolist()
-    return tuple(sorted(set(v))) if isinstance(v, (list, tuple)) else v
-
-
-def _vocab(model) -> int:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    w = getattr(out, "weight", None)
-    return int(w.shape[0]) if w is not None else int(model.config.get_text_config(decoder=True).vocab_size)
-
-
-def check_pair(target, draft) -> None:
-    """Raise ValueError unless `draft` can draft for `target`: a decoder-only model on the same
-    device with the same number of logits (output embedding rows), config vocab_size and special
-    token ids (bos, eos, pad: generation config, else model config). Without a tokenizer this is
-    what can be checked; the message lists every difference."""
-    if getattr(draft.config, "is_encoder_decoder", False):
-        raise ValueError("the draft is an encoder-decoder model; speculative_generate needs a causal LM")
-    diffs = []
-    tv, dv = _vocab(target), _vocab(draft)
-    if tv != dv:
-        diffs.append(f"vocab size (logits): target {tv}, draft {dv}")
-    tc = target.config.get_text_config(decoder=True).vocab_size
-    dc = draft.config.get_text_config(decoder=True).vocab_size
-    if tc != dc:
-        diffs.append(f"config.vocab_size: target {tc}, draft {dc}")
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        t, d = _special_ids(target, name), _special_ids(draft, name)
-        if t != d:
-            diffs.append(f"{name}: target {t}, draft {d}")
-    if diffs:
-        raise ValueError("draft and target must share the vocabulary; they differ in " + "; ".join(diffs))
-    td, dd = next(target.parameters()).device, next(draft.parameters()).device
-    if td != dd:
-        raise ValueError(f"draft on {dd}, target on {td}: put both on one device")
-
-
-class _Plan(Warpers):
-    """What each position's logits go through, read off transformers' prepared processors and
-    criteria; anything else raises ValueError naming the option."""
-
-    def __init__(self, cfg, processors, criteria, prompt_len: int):
-        self.greedy = not cfg.do_sample
-        self.temperature, self.top_k, self.top_p, self.min_p = 1.0, None, None, None
-        self.min_new, self.min_eos, self.eos, self.max_new = 0, None, None, None
-        for p in processors or ():
-            name = type(p).__name__
-            if name in _REFUSED_PROCESSORS:
-                raise _refuse(_REFUSED_PROCESSORS[name])
-            if name in _MIN_LENGTH:
-                n = (p.min_length - prompt_len if name == "MinLengthLogitsProcessor"
-                     else p.min_new_tokens + p.prompt_length_to_skip - prompt_len)
-                if n > 0:
-                    self.min_new = max(self.min_new, n)
-                    self.min_eos = torch.as_tensor(p.eos_token_id).view(-1)
-            elif name in _WARPERS and self._warper(p):
-                pass
-            else:
-                opt = _PROCESSOR_OPTIONS.get(name)
-                raise _refuse(f"{opt} (its logits processor {name})" if opt else f"the logits processor {name}")
-        for c in criteria or ():
-            name = type(c).__name__
-            if name == "MaxLengthCriteria":
-                self.max_new = c.max_length - prompt_len
-            elif name == "EosTokenCriteria":
-                self.eos = torch.as_tensor(c.eos_token_id).view(-1)
-            else:
-                opt = _CRITERIA_OPTIONS.get(name)
-                raise _refuse(f"{opt} (its stopping criterion {name})" if opt else f"the stopping criterion {name}")
-        if self.max_new is None:
-            raise ValueError("generation has no max_length / max_new_tokens: speculative_generate needs a bound")
-
-    def key(self) -> tuple:
-        """What the steps do, as a key (a kept graphed loop serves calls of equal keys)."""
-        ids = [None if t is None else tuple(t.tolist()) for t in (self.min_eos, self.eos)]
-        return (self.greedy, self.temperature, self.top_k, self.top_p, self.min_p, self.min_new, *ids, self.max_new)
-
-
-def _check_options(model, cfg, model_kwargs: dict) -> None:
-    why = refused_setting(model, cfg, _OPTIONS)
-    if why:
-        raise _refuse(why)
-    if cfg.cache_implementation not in (None, "static", "dynamic"):
-        raise _refuse(f"cache_implementation={cfg.cache_implementation!r} (it takes 'dynamic' or 'static')")
-    extra = sorted(k for k, v in model_kwargs.items() if k not in _OWN_KWARGS and v is not None)
-    if extra:
-        raise _refuse(f"the model input(s) {', '.join(extra)} (it takes input_ids and attention_mask)")
-
-
-def _layer_types(model) -> list[str]:
-    cfg = model.config.get_text_config(decoder=True)
-    types = getattr(cfg, "layer_types", None)
-    if types is None:
-        kind = "sliding_attention" if getattr(cfg, "sliding_window", None) is not None else "full_attention"
-        types = [kind] * cfg.num_hidden_layers
-    odd = sorted({t for t in types if t not in ("full_attention", "sliding_attention")})
-    if odd:
-        raise _refuse(f"layer type(s) {', '.join(odd)} (only full and sliding-window attention layers)")
-    return list(types)
-
-
-def _full_static_cache(model, max_len: int):
-    """A StaticCache with one full-length StaticLayer per decoder layer (sliding windows come from
-    the mask), which rolls back by moving its write position (`crop`)."""
-    from transformers.cache_utils import Cache, StaticCache, StaticLayer
-
-    cache = StaticCache.__new__(StaticCache)
-    Cache.__init__(cache, layers=[StaticLayer(max_cache_len=max_len) for _ in _layer_types(model)])
-    return cache
-
-
-def _callers_cache(model_kwargs: dict):
-    """The cache the caller passed (cache= / past_key_values=), or None; transformers' own empty
-    cache for its loop doesn't count (it marks the caller's `_is_user_defined`)."""
-    given = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
-    return given if getattr(given, "_is_user_defined", False) else None
-
-
-def _target_cache(model, cfg, model_kwargs, need: int, roomy: int, fixed: bool):
-    """(cache, capacity in columns) for the target. A StaticCache passed in is used as it is (its
-    capacity bounds k near the end), so are a DynamicCache and an lz.PagedKVCache (no bound);
-    cache_implementation="static", or none asked for where the steps are graphed (`fixed`), gets
-    a full-layer StaticCache of `roomy` columns; otherwise a plain DynamicCache (one full layer
-    per decoder layer)."""
-    from transformers.cache_utils import DynamicCache, StaticCache, StaticLayer
-
-    from ..paged.cache import PagedKVCache
-
-    given = _callers_cache(model_kwargs)
-    if isinstance(given, PagedKVCache) and given.graph_mode:
-        raise ValueError("this lz.PagedKVCache is in graph mode (pages reserved by an earlier decode "
-                         "loop); call cache.reset() before lz.speculative_generate")
-    if given is not None and given.get_seq_length() != 0:
-        raise _refuse(f"a cache holding {int(given.get_seq_length())} tokens (continuing from a cache)")
-    if isinstance(given, (DynamicCache, PagedKVCache)):
-        return given, None
-    if isinstance(given, StaticCache) and cfg.cache_implementation != "static":
-        odd = sorted({type(layer).__name__ for layer in given.layers if type(layer) is not StaticLayer})
-        if odd:
-            raise _refuse(f"a StaticCache with {', '.join(odd)} layers (they can't roll back); pass "
-                          "cache_implementation='static' for one that can")
-        cap = int(given.get_max_length())
-        if cap < need:
-            raise ValueError(f"the StaticCache holds {cap} tokens; this call needs at least {need} "
-                             "(prompt + max_new_tokens - 1) and uses more, when it has room, to draft")
-        return given, cap
-    if given is not None and not isinstance(given, StaticCache):
-        raise _refuse(f"a cache of type {type(given).__name__} (DynamicCache, StaticCache or lz.PagedKVCache)")
-    if cfg.cache_implementation == "static" or (fixed and given is None and cfg.cache_implementation is None):
-        return _full_static_cache(model, roomy), roomy
-    return DynamicCache(), None
 
 
 def _run(target, draft, input_ids, processors, criteria, cfg, streamer, spec: dict, stats, model_kwargs):
