@@ -56,6 +56,17 @@ def _eos_that_stops(target, ids, mask, gen):
     return [int(free[0, PROMPT + 2]), int(free[2, PROMPT + 5])]
 
 
+def _greedy_case(target, rows: int, new: int):
+    """(ids, mask, eos, generate kwargs, target.generate's tokens): batch 1, or a left-padded batch
+    of 3 whose EOS ids stop two rows early; row 0's prompt ends in a repeated pair (prompt lookup
+    finds matches)."""
+    ids, mask = _batch(rows)
+    ids[0, -4:] = torch.tensor([5, 9, 5, 9])
+    gen = dict(max_new_tokens=new, do_sample=False, pad_token_id=0)
+    eos = _eos_that_stops(target, ids, mask, gen) if rows == 3 else None
+    return ids, mask, eos, gen, target.generate(ids, attention_mask=mask, eos_token_id=eos, **gen)
+
+
 def _both_routes(target, draft, ids, **kw):
     """(direct call, target.generate(custom_generate=...)) results; `kw` may hold a callable
     `fresh` giving per-call keyword arguments (a new StaticCache for each call)."""
@@ -107,11 +118,7 @@ def test_greedy_with_a_paged_cache_is_the_targets_greedy(family):
     target = _model(family)
     draft = _noisy(target, scale=0.1)
     for rows in (1, 3):
-        ids, mask = _batch(rows)
-        ids[0, -4:] = torch.tensor([5, 9, 5, 9])
-        gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
-        eos = _eos_that_stops(target, ids, mask, gen) if rows == 3 else None
-        want = target.generate(ids, attention_mask=mask, eos_token_id=eos, **gen)
+        ids, mask, eos, gen, want = _greedy_case(target, rows, 12)
         for d, kw in ((draft, {}), (None, {"prompt_lookup": 2})):
             cache = lz.PagedKVCache(target.config, page_size=4)
             stats = SpeculativeStats()
@@ -223,11 +230,7 @@ def test_fixed_addressing_of_the_graphed_steps_gives_the_targets_greedy(family, 
     if drafter == "lookup":
         draft = None
     for rows in (1, 3):
-        ids, mask = _batch(rows)
-        ids[0, -4:] = torch.tensor([5, 9, 5, 9])
-        gen = dict(max_new_tokens=14, do_sample=False, pad_token_id=0)
-        eos = _eos_that_stops(target, ids, mask, gen) if rows == 3 else None
-        want = target.generate(ids, attention_mask=mask, eos_token_id=eos, **gen)
+        ids, mask, eos, gen, want = _greedy_case(target, rows, 14)
         runs = []
         for fixed in (False, True):
             monkeypatch.setattr(spec_graphs, "FIXED_ON_CPU", fixed)

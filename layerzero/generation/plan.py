@@ -126,16 +126,25 @@ class _Plan(Warpers):
                 eos, self.has_eos_criteria, self.stepwise)
 
 
+def refused_call(model, cfg, model_kwargs: dict, options: dict, own_kwargs: set) -> str | None:
+    """What a custom decode loop refuses in a prepared call, described (None if nothing):
+    `refused_setting`, a cache_implementation other than dynamic / static, and model inputs
+    other than those the loop makes itself (`own_kwargs`)."""
+    why = refused_setting(model, cfg, options)
+    if why:
+        return why
+    if cfg.cache_implementation not in (None, "static", "dynamic"):
+        return f"cache_implementation={cfg.cache_implementation!r} (it takes 'dynamic' or 'static')"
+    extra = sorted(k for k, v in model_kwargs.items() if k not in own_kwargs and v is not None)
+    if extra:
+        return f"the model input(s) {', '.join(extra)} (it takes input_ids and attention_mask)"
+    return None
+
+
 def _check_options(model, cfg, model_kwargs: dict) -> None:
-    why = refused_setting(model, cfg, _REFUSED_OPTIONS)
+    why = refused_call(model, cfg, model_kwargs, _REFUSED_OPTIONS, _OWN_KWARGS)
     if why:
         raise _refuse(why)
-    if cfg.cache_implementation not in (None, "static", "dynamic"):
-        raise _refuse(f"cache_implementation={cfg.cache_implementation!r}")
-    extra = sorted(k for k, v in model_kwargs.items() if k not in _OWN_KWARGS and v is not None)
-    if extra:
-        raise _refuse(f"the model input(s) {', '.join(extra)} (lz.generate takes input_ids and "
-                      "attention_mask)")
     from ..paged.cache import PagedKVCache
 
     for k in ("cache", "past_key_values"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..generation.plan import (_MIN_LENGTH, _REFUSED_OPTIONS, _REFUSED_PROCESSORS, _WARPERS, Warpers,
-                               refused_setting)
+                               refused_call)
 
 SCHEDULES = ("heuristic", "constant")
 # transformers' processors / criteria this loop can't run, by the option that adds them
@@ -122,14 +122,9 @@ class _Plan(Warpers):
 
 
 def _check_options(model, cfg, model_kwargs: dict) -> None:
-    why = refused_setting(model, cfg, _OPTIONS)
+    why = refused_call(model, cfg, model_kwargs, _OPTIONS, _OWN_KWARGS)
     if why:
         raise _refuse(why)
-    if cfg.cache_implementation not in (None, "static", "dynamic"):
-        raise _refuse(f"cache_implementation={cfg.cache_implementation!r} (it takes 'dynamic' or 'static')")
-    extra = sorted(k for k, v in model_kwargs.items() if k not in _OWN_KWARGS and v is not None)
-    if extra:
-        raise _refuse(f"the model input(s) {', '.join(extra)} (it takes input_ids and attention_mask)")
 
 
 def _layer_types(model) -> list[str]:
