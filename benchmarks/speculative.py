@@ -11,7 +11,7 @@ files (`train_draft_pair.prompts`), --new new tokens, greedy, eos_token_id=None 
                schedule from 20 draft tokens); batch 1 only (transformers' assisted decoding takes one row)
   lz-eager     lz.speculative_generate(target, draft, num_draft_tokens=--k, lz_patch=False) with its
                CUDA graphs off (`speculative.graphs.ENABLED`): the eager loop, unpatched models
-  lz           lz.speculative_generate(target, draft, num_draft_tokens=--k, heuristic schedule): both
+  lz           lz.speculative_generate(target, draft, num_draft_tokens=--k, default schedule): both
                models lz.patch-ed, each step (k draft forwards + verify) one CUDA graph per k
   lz-lookup    lz.speculative_generate(target, None, prompt_lookup=3) (no draft model), graphed
 The unpatched variants run first; after each batch size lz.unpatch puts the models back.
@@ -309,7 +309,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; --tiny 16)")
     ap.add_argument("--new", type=int, default=None, help="new tokens (default 128; --tiny 16)")
-    ap.add_argument("--k", type=int, default=4, help="num_draft_tokens (the heuristic schedule adapts it)")
+    ap.add_argument("--k", type=int, default=4, help="num_draft_tokens (the first step's; the schedule adapts it)")
     ap.add_argument("--alphas", nargs="+", type=float, default=[0.5, 0.8, 0.95])
     ap.add_argument("--draft-layers", type=int, default=1)
     ap.add_argument("--iters", type=int, default=None, help="timed calls per variant (default 3; --tiny 1)")

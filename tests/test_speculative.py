@@ -177,7 +177,8 @@ def test_a_draft_equal_to_the_target_accepts_everything_and_k_grows():
     gen = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
     want = target.generate(ids, attention_mask=mask, **gen)
     stats = SpeculativeStats()
-    got = speculative_generate(target, copy.deepcopy(target), ids, attention_mask=mask, stats=stats, **gen)
+    got = speculative_generate(target, copy.deepcopy(target), ids, attention_mask=mask, stats=stats,
+                               draft_schedule="heuristic", **gen)
     assert torch.equal(got, want)
     assert stats.acceptance_rate == 1.0
     assert stats.draft_lengths[:3] == [4, 6, 8]          # heuristic: +2 per step, up to 2 * 4
@@ -199,7 +200,7 @@ def test_an_unrelated_draft_is_rejected_and_k_shrinks():
     gen = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
     want = target.generate(ids, attention_mask=mask, **gen)
     stats = SpeculativeStats()
-    got = speculative_generate(target, draft, ids, attention_mask=mask, stats=stats, **gen)
+    got = speculative_generate(target, draft, ids, attention_mask=mask, stats=stats, draft_schedule="heuristic", **gen)
     assert torch.equal(got, want)
     assert stats.draft_lengths[:4] == [4, 3, 2, 1] and stats.acceptance_rate < 0.2
 
@@ -236,7 +237,8 @@ def test_fixed_addressing_of_the_graphed_steps_gives_the_targets_greedy(family, 
             monkeypatch.setattr(spec_graphs, "FIXED_ON_CPU", fixed)
             stats = SpeculativeStats()
             got = speculative_generate(target, draft, ids, attention_mask=mask, eos_token_id=eos, stats=stats,
-                                       **({"prompt_lookup": 2} if draft is None else {}), **gen)
+                                       draft_schedule="heuristic", **({"prompt_lookup": 2} if draft is None else {}),
+                                       **gen)
             assert torch.equal(got, want), (family, drafter, rows, fixed)
             runs.append(stats)
         prefill = int(draft is not None)      # fixed addressing feeds the draft the prompt first
@@ -268,7 +270,8 @@ def test_a_graphed_loop_is_kept_for_the_next_call_of_its_shape(monkeypatch):
         prompt = (ids + shift) % 100 + 1
         want = target.generate(prompt, attention_mask=mask, eos_token_id=None, **gen)
         stats = SpeculativeStats()
-        got = speculative_generate(target, draft, prompt, attention_mask=mask, eos_token_id=None, stats=stats, **gen)
+        got = speculative_generate(target, draft, prompt, attention_mask=mask, eos_token_id=None, stats=stats,
+                                   draft_schedule="heuristic", **gen)
         assert torch.equal(got, want), shift
         first.append(stats)
     assert len(built) == 1                                # one loop served the three calls

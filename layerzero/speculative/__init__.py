@@ -39,11 +39,13 @@ max_new_tokens - 1 it decodes plainly); an lz.PagedKVCache you pass keeps the ta
 pages (no holes: the batch keeps its worst row's count). The draft gets a cache of the same kind
 (a DynamicCache for a paged target).
 
-Adaptive k ("heuristic", transformers' schedule for assistants): k + 2 after a step where at
-least half the active rows accepted all k drafts, else k - 1, within 1..max_draft_tokens; k also
-shrinks near max_new_tokens and when a static cache runs out of room. EOS ends a row (tokens
-after it become pad_token_id, as generate() does); the call returns exactly what generate() would:
-max_new_tokens new tokens unless every row ended earlier.
+Adaptive k (`schedule`): by default ("acceptance") the k with the most expected new tokens per
+unit of step time, from a running estimate of the per-token acceptance rate and the measured
+step times; or transformers' schedule for assistants ("heuristic": k + 2 after a step where at
+least half the active rows accepted all k drafts, else k - 1), or "constant"; within
+1..max_draft_tokens; k also shrinks near max_new_tokens and when a static cache runs out of room.
+EOS ends a row (tokens after it become pad_token_id, as generate() does); the call returns exactly
+what generate() would: max_new_tokens new tokens unless every row ended earlier.
 
 Per step, everything but one host read (the number of columns kept, with the counters that decide
 the next k) is tensor work on preallocated buffers (`Loop.step`). On CUDA each step is one CUDA
@@ -52,7 +54,7 @@ the target for the next call of the same shape. Unsupported options (beam search
 penalty and other processors that need a row's text, stop strings, assistant_model=, streamers
 with batches, output_attentions, ...) raise ValueError naming the option.
 
-Modules: `api` (entry point, host loop, statistics), `plan` (options, pair check), `caches`,
+Modules: `api` (entry point, host loop, statistics), `plan` (options, pair check), `caches`, `schedule`,
 `loop` (the column layout, drafts, verification), `graphs` (the CUDA graphs).
 """
 from .api import SpeculativeStats, check_pair, speculative_generate

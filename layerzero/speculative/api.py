@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 
 import torch
 
@@ -12,7 +13,8 @@ from ..generation.plan import called_by_generate
 from . import graphs
 from .caches import _callers_cache, _full_static_cache, _target_cache
 from .loop import Loop, LookupDraft, ModelDraft, Runner
-from .plan import SCHEDULES, _check_options, _layer_types, _Plan, _refuse, check_pair
+from .plan import _check_options, _layer_types, _Plan, _refuse, check_pair
+from .schedule import SCHEDULES, Schedule
 
 
 @dataclasses.dataclass
@@ -49,7 +51,7 @@ class SpeculativeStats:
 def speculative_generate(target, draft=None, input_ids=None, /, logits_processor=None,
                          stopping_criteria=None, generation_config=None, *, draft_model=None,
                          num_draft_tokens: int = 4, max_draft_tokens: int | None = None,
-                         draft_schedule: str = "heuristic", prompt_lookup: int | None = None,
+                         draft_schedule: str = "acceptance", prompt_lookup: int | None = None,
                          stats: SpeculativeStats | None = None, lz_patch: bool = True, **kwargs):
     """`target.generate(input_ids, **kwargs)`'s results from speculative decoding with `draft`.
 
@@ -68,8 +70,10 @@ def speculative_generate(target, draft=None, input_ids=None, /, logits_processor
     draft: a causal LM sharing the target's vocabulary (`check_pair`), or None with
     `prompt_lookup=n`: draft from the text so far (n-gram matches, n down to 1). Through
     `custom_generate`, pass it as `draft_model=` (or `draft=`). num_draft_tokens: k of the first step;
-    draft_schedule "heuristic" (k + 2 after a step where at least half the rows accepted all k,
-    else k - 1, within 1..max_draft_tokens, default 2 * num_draft_tokens) or "constant".
+    draft_schedule (`schedule`): "acceptance" (k with the most expected tokens per step time, from
+    the running acceptance rate and the step times measured), "heuristic" (k + 2 after a step
+    where at least half the rows accepted all k, else k - 1) or "constant"; k stays within
+    1..max_draft_tokens (default 2 * num_draft_tokens).
     stats: a SpeculativeStats the call fills (acceptance rate, tokens per target forward).
 
     The target's K/V: a DynamicCache, a StaticCache, or an lz.PagedKVCache passed as `cache=`
@@ -209,22 +213,22 @@ def _decode(loop: Loop, steps, plan, cfg, input_ids, k0: int, kmax: int, schedul
     loop.prefill()
     if streamer is not None:
         sent = _stream(streamer, loop, sent)
-    k_sched = k0
+    sched = Schedule(schedule, k0, kmax, isinstance(drafter, ModelDraft))
     active, need_max = rows, max_new - 1
     if plan.eos is not None:
         active = int(loop.unfinished.sum())
     while active and need_max > 0:
-        k = max(0, min(k_sched, need_max - 1, cap - loop.L - need_max))
+        t0 = time.perf_counter()
+        k = max(0, min(sched.k, need_max - 1, cap - loop.L - need_max))
         if k and isinstance(drafter, LookupDraft):
             k = min(k, drafter.available(loop, k))
         out = loop.step(k) if steps is None else steps.step(k)
         m, was_active, accepted, full, active, need_max = out.tolist()
+        sched.update(k, was_active, accepted, full, m, not loop.crop_to_min, time.perf_counter() - t0)
         loop.commit(k, m)
         stats.draft_lengths.append(k)
         stats.drafted += k * was_active
         stats.accepted += accepted
-        if k and schedule == "heuristic":
-            k_sched = min(kmax, k_sched + 2) if 2 * full >= was_active else max(1, k_sched - 1)
         if streamer is not None:
             sent = _stream(streamer, loop, sent)
     if streamer is not None:

@@ -8,7 +8,6 @@ import torch
 from ..generation.plan import (_MIN_LENGTH, _REFUSED_OPTIONS, _REFUSED_PROCESSORS, _WARPERS, Warpers,
                                refused_call)
 
-SCHEDULES = ("heuristic", "constant")
 # transformers' processors / criteria this loop can't run, by the option that adds them
 _PROCESSOR_OPTIONS = {
     "RepetitionPenaltyLogitsProcessor": "repetition_penalty",

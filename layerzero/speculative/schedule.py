@@ -1,0 +1,79 @@
+"""How many tokens the draft proposes in each step of lz.speculative_generate (`draft_schedule`).
+
+- "acceptance" (the default): k maximises the expected new tokens per unit of step time,
+  (1 - a^(k+1)) / ((1 - a) (1 + c k)), from a running estimate of the per-token acceptance a and
+  of c, a draft token's time over the rest of a step.
+    a: each step's drafts up to and including the first rejection are Bernoulli trials (a row
+    that accepted n of k gives n successes in n + [n < k] trials; a batch that keeps its worst
+    row's count counts that count once); successes and trials are summed with a decay of
+    DECAY per step, with one success and one failure as a prior.
+    c: the host times every step (it waits for the step's counters anyway); each k's time is a
+    running mean that skips its first WARM steps (on CUDA: the eager step and the capture of its
+    graph); once two values of k have times, a least-squares line a0 + b k through them gives
+    c = b / a0; before that c is COST_PRIOR for a draft model, 0 for prompt lookup.
+  k stays within 1..max_draft_tokens; ties go to the smaller k.
+- "heuristic" (transformers' schedule for assistants): k + 2 after a step where at least half of
+  the active rows accepted all k drafts, else k - 1.
+- "constant": k = num_draft_tokens.
+"""
+from __future__ import annotations
+
+SCHEDULES = ("acceptance", "heuristic", "constant")
+DECAY = 0.8
+WARM = 2
+COST_PRIOR = 0.1
+
+
+def best_k(alpha: float, cost: float, kmax: int) -> int:
+    """The k in 1..kmax with the most expected tokens per step time (module docstring)."""
+    alpha = min(max(alpha, 0.0), 1.0)
+    best, value = 1, -1.0
+    for k in range(1, kmax + 1):
+        tokens = k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+        v = tokens / (1.0 + cost * k)
+        if v > value + 1e-12:
+            best, value = k, v
+    return best
+
+
+class Schedule:
+    """`k`: the draft length of the next step; `update(...)` after each step."""
+
+    def __init__(self, kind: str, k0: int, kmax: int, model_draft: bool):
+        self.kind, self.k, self.kmax = kind, k0, kmax
+        self.succ, self.trials = 1.0, 2.0                 # the prior: one success, one failure
+        self.cost_prior = COST_PRIOR if model_draft else 0.0
+        self.times: dict[int, list] = {}                  # k -> [steps seen, mean seconds]
+
+    @property
+    def alpha(self) -> float:
+        return self.succ / self.trials
+
+    def cost(self) -> float:
+        pts = [(k, t) for k, (n, t) in self.times.items() if n > WARM]
+        if len(pts) < 2:
+            return self.cost_prior
+        mk = sum(k for k, _ in pts) / len(pts)
+        mt = sum(t for _, t in pts) / len(pts)
+        var = sum((k - mk) ** 2 for k, _ in pts)
+        b = max(sum((k - mk) * (t - mt) for k, t in pts) / var, 0.0)
+        a0 = mt - b * mk
+        return b / a0 if a0 > 0 else self.cost_prior
+
+    def update(self, k: int, was_active: int, accepted: int, full: int, m: int, holes: bool,
+               seconds: float) -> None:
+        """A step of k drafts: `was_active` rows drafted, they accepted `accepted` in all, `full`
+        of them all k; the batch kept m; `seconds` on the host."""
+        if not k or self.kind == "constant":
+            return
+        if self.kind == "heuristic":
+            self.k = min(self.kmax, self.k + 2) if 2 * full >= was_active else max(1, self.k - 1)
+            return
+        succ, trials = (accepted, accepted + was_active - full) if holes else (m, m + (m < k))
+        self.succ = DECAY * self.succ + succ
+        self.trials = DECAY * self.trials + trials
+        n, mean = self.times.get(k, (0, 0.0))
+        if n >= WARM:
+            mean = seconds if n == WARM else 0.5 * mean + 0.5 * seconds
+        self.times[k] = [n + 1, mean]
+        self.k = best_k(self.alpha, self.cost(), self.kmax)
