@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +51,8 @@ import time
 import torch
 
 import layerzero as lz
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # _children, when run by path
+from _children import child_result, run_children  # noqa: E402
 
 FULL = dict(layers=2, single_layers=4, heads=24, head_dim=128, image_tokens=4096, text_tokens=512,
             in_channels=64, joint_dim=4096, pooled_dim=768, axes=(16, 56, 56))
@@ -179,49 +180,6 @@ def run_eager(names: list, cfg: dict, device: str, dtype, warmup: int, iters: in
         finally:
             leave()
     return results, outputs
-
-
-def run_children(cmds: dict, parallel: bool = False):
-    """Run each command (name -> argv list) as a process of its own; yields (name, returncode,
-    stdout, stderr) in the order given. One after another (for timing: they share one GPU), or all
-    at once with `parallel` (CPU smoke runs: each child spends seconds importing torch and diffusers;
-    one intra-op thread each then). The repository root goes first on PYTHONPATH (layerzero)."""
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    if parallel:
-        env["OMP_NUM_THREADS"] = "1"
-    names = list(cmds)
-
-    def start(name):
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")   # files: no pipe stalls
-        return subprocess.Popen(cmds[name], stdout=out, stderr=err, text=True, env=env), out, err
-
-    def finish(name, started):
-        proc, out, err = started
-        rc = proc.wait()
-        texts = []
-        for f in (out, err):
-            f.seek(0)
-            texts.append(f.read())
-            f.close()
-        return name, rc, texts[0], texts[1]
-
-    if parallel:
-        started = {n: start(n) for n in names}
-        for n in names:
-            yield finish(n, started[n])
-    else:
-        for n in names:
-            yield finish(n, start(n))
-
-
-def child_result(stdout: str) -> dict:
-    """The JSON a child printed on its last line starting with "RESULT "."""
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError("the child printed no RESULT line")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def one_compiled(name: str, args, out_path: str) -> dict:

@@ -308,11 +308,10 @@ def main(argv=None) -> dict:
     for r in result["rows"]:
         k = key(r["batch"], r["prompt"], r["new_tokens"])
         if ("sdpa", k) in tokens:
-            a, b = torch.tensor(tokens["sdpa", k]), torch.tensor(tokens[r["variant"], k])
-            differ = (a != b).nonzero()
-            r["same_tokens_as_sdpa"] = not len(differ)
-            r["first_differing_new_token"] = int(differ[:, 1].min()) if len(differ) else None
-            if len(differ):
+            first = E.first_difference(tokens["sdpa", k], tokens[r["variant"], k])
+            r["same_tokens_as_sdpa"] = first is None
+            r["first_differing_new_token"] = first
+            if first is not None:
                 mismatches.append(f"{r['variant']} {k} (from new token {r['first_differing_new_token']})")
     configs = [key(b, p, n) for p, n in args.shapes for b in args.batch]
     by = {(r["variant"], key(r["batch"], r["prompt"], r["new_tokens"])): r for r in result["rows"]}
@@ -331,14 +330,7 @@ def main(argv=None) -> dict:
                   + " ".join(f"{ratios[v]:>16.3f}" if v in ratios else f"{'n/a':>16}" for v in ran))
     if "sdpa" in ran:
         print("  same tokens as sdpa: " + ("all" if not mismatches else "not " + "; ".join(mismatches)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if errors:
-        raise SystemExit(f"variants failed: {', '.join(errors)}")
-    if args.tiny and mismatches:
-        raise AssertionError(f"fp32 greedy tokens differ from sdpa's: {'; '.join(mismatches)}")
-    return result
+    return E.finish(result, args.json, errors, args.tiny, mismatches, "sdpa")
 
 
 if __name__ == "__main__":

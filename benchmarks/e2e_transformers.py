@@ -57,7 +57,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +64,8 @@ import time
 import torch
 
 import layerzero as lz
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # _children, when run by path
+from _children import child_result, finish, first_difference, run_children  # noqa: E402,F401  (also for e2e_generate, paged_generate)
 
 SHAPES = {
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -183,49 +184,6 @@ def _check_modeling(expected: dict, lz_rope: bool = False) -> None:
         bad.append("apply_rotary_pos_emb")
     if bad:
         raise RuntimeError(f"modeling_llama globals not those of this variant: {sorted(bad)[:8]}")
-
-
-def run_children(cmds: dict, parallel: bool = False):
-    """Run each command (name -> argv list) as a process of its own; yields (name, returncode,
-    stdout, stderr) in the order given. One after another (for timing), or all at once with
-    `parallel` (CPU smoke runs: each child spends seconds importing torch and transformers; one
-    intra-op thread each then). The repository root goes first on PYTHONPATH (layerzero)."""
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    if parallel:
-        env["OMP_NUM_THREADS"] = "1"
-    names = list(cmds)
-
-    def start(name):
-        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")   # files: no pipe stalls
-        return subprocess.Popen(cmds[name], stdout=out, stderr=err, text=True, env=env), out, err
-
-    def finish(name, started):
-        proc, out, err = started
-        rc = proc.wait()
-        texts = []
-        for f in (out, err):
-            f.seek(0)
-            texts.append(f.read())
-            f.close()
-        return name, rc, texts[0], texts[1]
-
-    if parallel:
-        started = {n: start(n) for n in names}
-        for n in names:
-            yield finish(n, started[n])
-    else:
-        for n in names:
-            yield finish(n, start(n))
-
-
-def child_result(stdout: str) -> dict:
-    """The JSON a child printed on its last line starting with "RESULT "."""
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-    if not lines:
-        raise RuntimeError("the child printed no RESULT line")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def one_compiled(name: str, label: str, args, logits_path: str) -> dict:

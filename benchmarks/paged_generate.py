@@ -250,11 +250,10 @@ def main(argv=None) -> dict:
     mismatches = []
     for r in result["rows"]:
         if BASE in tokens:
-            a, b = torch.tensor(tokens[BASE]), torch.tensor(tokens[r["variant"]])
-            differ = (a != b).nonzero()
-            r["same_tokens_as_" + BASE] = not len(differ)
-            r["first_differing_new_token"] = int(differ[:, 1].min()) if len(differ) else None
-            if len(differ):
+            first = E.first_difference(tokens[BASE], tokens[r["variant"]])
+            r["same_tokens_as_" + BASE] = first is None
+            r["first_differing_new_token"] = first
+            if first is not None:
                 mismatches.append(f"{r['variant']} (from new token {r['first_differing_new_token']})")
         if BASE in by:
             r["ratio_vs_" + BASE] = round(r["tok_per_s"] / by[BASE]["tok_per_s"], 3)
@@ -271,14 +270,7 @@ def main(argv=None) -> dict:
         print(f"  goal {name}: {goal['value']} (goal {goal['goal']}): {'met' if goal['met'] else 'NOT met'}")
     if BASE in tokens:
         print(f"  same tokens as {BASE}: " + ("all" if not mismatches else "not " + "; ".join(mismatches)))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if errors:
-        raise SystemExit(f"variants failed: {', '.join(errors)}")
-    if args.tiny and mismatches:
-        raise AssertionError(f"fp32 greedy tokens differ from {BASE}'s: {'; '.join(mismatches)}")
-    return result
+    return E.finish(result, args.json, errors, args.tiny, mismatches, BASE)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""Benchmark variants as processes of their own (LayerZero's patching and dynamo's caches stay
+out of each other's way): `run_children` runs them, `child_result` reads what each printed."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+
+
+def run_children(cmds: dict, parallel: bool = False):
+    """Run each command (name -> argv list) as a process of its own; yields (name, returncode,
+    stdout, stderr) in the order given. One after another (for timing), or all at once with
+    `parallel` (CPU smoke runs: each child spends seconds importing torch and transformers; one
+    intra-op thread each then). The repository root goes first on PYTHONPATH (layerzero)."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if parallel:
+        env["OMP_NUM_THREADS"] = "1"
+    names = list(cmds)
+
+    def start(name):
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")   # files: no pipe stalls
+        return subprocess.Popen(cmds[name], stdout=out, stderr=err, text=True, env=env), out, err
+
+    def finish(name, started):
+        proc, out, err = started
+        rc = proc.wait()
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read())
+            f.close()
+        return name, rc, texts[0], texts[1]
+
+    if parallel:
+        started = {n: start(n) for n in names}
+        for n in names:
+            yield finish(n, started[n])
+    else:
+        for n in names:
+            yield finish(n, start(n))
+
+
+def child_result(stdout: str) -> dict:
+    """The JSON a child printed on its last line starting with "RESULT "."""
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError("the child printed no RESULT line")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def first_difference(ref, tokens) -> int | None:
+    """The first new-token index where two (rows, new tokens) lists of greedy tokens part, or None."""
+    import torch
+
+    differ = (torch.tensor(ref) != torch.tensor(tokens)).nonzero()
+    return int(differ[:, 1].min()) if len(differ) else None
+
+
+def finish(result: dict, json_path: str, errors: list, tiny: bool, mismatches: list, base: str) -> dict:
+    """The end of a benchmark parent: write the JSON, fail on failed variants and (fp32 --tiny
+    runs) on tokens that differ from `base`'s."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    if errors:
+        raise SystemExit(f"variants failed: {', '.join(errors)}")
+    if tiny and mismatches:
+        raise AssertionError(f"fp32 greedy tokens differ from {base}'s: {'; '.join(mismatches)}")
+    return result
