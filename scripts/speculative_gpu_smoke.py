@@ -1,7 +1,8 @@
 """GPU smoke run of lz.speculative_generate's CUDA-graphed steps: a tiny fp32 llama target and a
 noisy copy as draft (and prompt lookup), batch 1 and a left-padded batch of 3 with EOS, greedy:
 tokens vs target.generate, and whether the steps were captured (no fallback counted: a host
-sync or an allocation the capture refuses inside a step would raise there) and replayed.
+sync or an allocation the capture refuses inside a step would raise there) and replayed; then the
+same call twice more: the kept loop replays every step of the third.
 
     PYTHONPATH=$PWD python3 scripts/speculative_gpu_smoke.py
 """
@@ -57,6 +58,17 @@ for rows in (1, 3):
         result[f"{name}_b{rows}"] = {"same": same, "replayed_steps": sum(replays), "steps": len(replays),
                                      "acceptance": round(st.acceptance_rate, 3), "k": st.draft_lengths}
         print(name, rows, result[f"{name}_b{rows}"], flush=True)
+# the same call again: the loop and its graphs were kept, so every step replays
+replays.clear()
+again = lz.speculative_generate(target, draft, ids[:3], attention_mask=mask[:3], eos_token_id=None,
+                                draft_schedule="heuristic", **gen)
+replays.clear()
+again2 = lz.speculative_generate(target, draft, ids[:3], attention_mask=mask[:3], eos_token_id=None,
+                                 draft_schedule="heuristic", **gen)
+result["kept_loop"] = {"same": bool(torch.equal(again, again2)), "replayed_steps": sum(replays),
+                       "steps": len(replays)}
+ok &= result["kept_loop"]["same"] and sum(replays) == len(replays)
+print("kept loop", result["kept_loop"], flush=True)
 fallbacks = lz.metrics()["fallbacks"]
 result["fallbacks"] = {k: v for k, v in fallbacks.items() if "speculative" in str(k)}
 ok &= not result["fallbacks"] and all(r["replayed_steps"] for r in result.values() if isinstance(r, dict) and "steps" in r)
