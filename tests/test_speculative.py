@@ -280,6 +280,12 @@ def test_a_graphed_loop_is_kept_for_the_next_call_of_its_shape(monkeypatch):
     speculative_generate(target, draft, ids, attention_mask=mask, eos_token_id=[3], **gen)
     speculative_generate(target, draft, ids[:, 1:], attention_mask=mask[:, 1:], eos_token_id=None, **gen)
     assert len(built) == 4
+    # the acceptance schedule's estimates go with the kept loop into the next call
+    kept = spec_graphs.kept(target, draft, next(k for k in spec_graphs._KEPT[target] if k[1] == PROMPT - 1))
+    learnt = kept.schedule
+    assert learnt is not None and learnt.trials > 2
+    speculative_generate(target, draft, ids[:, 1:], attention_mask=mask[:, 1:], eos_token_id=None, **gen)
+    assert kept.schedule is learnt and len(built) == 4
     # kept on the target (two: KEEP), holding the draft, and freed with them
     import gc
     import weakref

@@ -214,6 +214,11 @@ def _decode(loop: Loop, steps, plan, cfg, input_ids, k0: int, kmax: int, schedul
     if streamer is not None:
         sent = _stream(streamer, loop, sent)
     sched = Schedule(schedule, k0, kmax, isinstance(drafter, ModelDraft))
+    if steps is not None:   # a kept loop keeps what its schedule learnt (rate, step times) too
+        old = getattr(steps, "schedule", None)
+        if old is not None and (old.kind, old.kmax) == (schedule, kmax) and schedule == "acceptance":
+            sched = old
+        steps.schedule = sched
     active, need_max = rows, max_new - 1
     if plan.eos is not None:
         active = int(loop.unfinished.sum())

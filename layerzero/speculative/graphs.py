@@ -11,7 +11,8 @@ counted (`lz.metrics()["fallbacks"][GRAPH_FALLBACK]`) and the call's steps run e
 
 The loop (its buffers and static caches) and its graphs stay with the target for the next call
 of the same shape and settings (`kept` / `keep`: the last KEEP per target, the draft held
-weakly), which then starts replaying at once: a call's captures cost about one eager step per k."""
+weakly), which then starts replaying at once (a call's captures cost about one eager step per k),
+with the acceptance schedule's estimates (`schedule.Schedule`) of the calls before."""
 from __future__ import annotations
 
 import logging
@@ -83,6 +84,7 @@ class StepGraphs:
         self.warm: set = set()
         self.pool = None
         self.failed = not loop.tok.is_cuda     # (FIXED_ON_CPU: eager steps)
+        self.schedule = None                   # the acceptance schedule's state, for the next call
 
     def restart(self, input_ids: torch.Tensor, attention_mask) -> None:
         """A new call of the loop's shape: its state from these prompts, empty caches, counters
