@@ -50,6 +50,17 @@ def attentions_recorded() -> bool:
     return bool(collected) and any(k.endswith("attentions") for k in collected)
 
 
+def forward_params(m) -> list | None:
+    """The names of `type(m).forward`'s parameters after self (what `recognised` compares with a
+    form's signature), or None when it has no signature to read."""
+    import inspect
+
+    try:
+        return list(inspect.signature(type(m).forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return None
+
+
 def probe_tuple(m, make_forward, n: int, returns: str, dtype, x, **kwargs) -> tuple[bool, str]:
     """The `check` of a form whose forward returns an n-tuple led by the output: both forwards on
     probe input `x` (and `kwargs`), the outputs compared with `agree`; (ok, why not). `returns`

@@ -22,7 +22,7 @@ from torch import nn
 
 from ... import ops
 from ...patch import _run_original, agree, probe, probe_input, swap_forward
-from . import attentions_recorded
+from . import attentions_recorded, forward_params
 
 DESCRIPTION = "inline BERT-style self-attention"
 
@@ -49,11 +49,8 @@ def recognised(m: nn.Module) -> bool:
         return False
     if not isinstance(getattr(m, "dropout", None), nn.Dropout):
         return False
-    try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[1:3] == ["hidden_states", "attention_mask"] and set(params[3:]) <= _KNOWN_PARAMS
+    params = forward_params(m)
+    return params is not None and params[:2] == ["hidden_states", "attention_mask"] and set(params[2:]) <= _KNOWN_PARAMS
 
 
 # keyword arguments a plain call may carry besides the hidden states, the mask and the cache

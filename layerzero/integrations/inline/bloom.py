@@ -13,7 +13,6 @@ unknown keyword, tensor-parallel slicing of `dense`) runs the module's own forwa
 """
 from __future__ import annotations
 
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,7 @@ from torch import nn
 
 from ... import ops
 from ...patch import observe, probe_input
-from . import probe_tuple
+from . import forward_params, probe_tuple
 
 DESCRIPTION = "inline BLOOM-style attention (fused QKV, ALiBi)"
 
@@ -46,11 +45,7 @@ def recognised(m: nn.Module) -> bool:
             and all(_number(getattr(m, a, None)) for a in ("inv_norm_factor", "beta", "hidden_dropout",
                                                              "pretraining_tp"))):
         return False
-    try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[1:] == _PARAMS
+    return forward_params(m) == _PARAMS
 
 
 def make_forward(original):

@@ -16,7 +16,6 @@ and from/to tensors of different lengths with a 3-D mask) and must agree.
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -24,6 +23,7 @@ from torch import nn
 
 from ... import ops
 from ...patch import agree, probe, probe_input
+from . import forward_params
 
 DESCRIPTION = "inline CANINE-style attention"
 
@@ -41,11 +41,7 @@ def recognised(m: nn.Module) -> bool:
         return False
     if not isinstance(getattr(m, "dropout", None), nn.Dropout):
         return False
-    try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[1:] == _PARAMS
+    return forward_params(m) == _PARAMS
 
 
 def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:

@@ -30,7 +30,7 @@ from torch import nn
 
 from ... import ops
 from ...patch import agree, observe, probe, probe_input
-from . import attentions_recorded
+from . import attentions_recorded, forward_params
 from .bert import _plain
 
 DESCRIPTION = "inline ConvBERT-style self-attention + span convolution"
@@ -56,11 +56,7 @@ def recognised(m: nn.Module) -> bool:
             and m.conv_kernel_layer.in_features == h * d and m.conv_kernel_layer.out_features == h * kk
             and conv.pointwise.out_channels == h * d):
         return False
-    try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[1:] == _PARAMS
+    return forward_params(m) == _PARAMS
 
 
 def _span_convolution(self, hidden_states, query):

@@ -16,7 +16,6 @@ must agree.
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 
 from ... import ops
 from ...patch import probe_input
-from . import probe_tuple
+from . import forward_params, probe_tuple
 
 DESCRIPTION = "inline CPM-Ant-style attention (position bias, cache)"
 
@@ -44,11 +43,7 @@ def recognised(m: nn.Module) -> bool:
         return False
     if not isinstance(getattr(m, "dropout", None), (nn.Dropout, type(None))) or not hasattr(m, "layer_idx"):
         return False
-    try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[1:] == _PARAMS
+    return forward_params(m) == _PARAMS
 
 
 def _float_mask(attention_mask, position_bias, b, lq):

@@ -14,14 +14,13 @@ bool mask, a keyword it does not know, cos/sin of other sizes) runs the module's
 """
 from __future__ import annotations
 
-import inspect
 
 import torch
 from torch import nn
 
 from ... import ops
 from ...patch import observe, probe_input
-from . import probe_tuple
+from . import forward_params, probe_tuple
 
 DESCRIPTION = "inline GPT-NeoX-Japanese-style attention (fused QKV, partial rotary)"
 ROPE = True   # q/k rotate through lz.rope inside the replacement
@@ -45,11 +44,7 @@ def recognised(m: nn.Module) -> bool:
             and isinstance(getattr(m, "attention_dropout", None), nn.Dropout)
             and (bias is None or isinstance(bias, nn.Parameter))):
         return False
-    try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[1:] == _PARAMS
+    return forward_params(m) == _PARAMS
 
 
 def _fits(t, b, s, rot) -> bool:

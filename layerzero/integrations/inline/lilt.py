@@ -17,7 +17,6 @@ own forward. Before swapping, both forwards run on a probe and must agree.
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 
 from ... import ops
 from ...patch import agree, probe, probe_input
+from . import forward_params
 
 DESCRIPTION = "inline LiLT-style text + layout self-attention"
 
@@ -45,11 +45,7 @@ def recognised(m: nn.Module) -> bool:
         return False
     if not isinstance(getattr(m, "dropout", None), nn.Dropout):
         return False
-    try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[1:] == _PARAMS
+    return forward_params(m) == _PARAMS
 
 
 def make_forward(original):

@@ -17,7 +17,6 @@ swapping, both forwards run on probes (words only, and words with entities) and 
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 
 from ... import ops
 from ...patch import agree, probe, probe_input
+from . import forward_params
 
 DESCRIPTION = "inline LUKE-style word/entity self-attention"
 
@@ -47,11 +47,7 @@ def recognised(m: nn.Module) -> bool:
         return False
     if not isinstance(getattr(m, "dropout", None), nn.Dropout):
         return False
-    try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[1:] == _PARAMS
+    return forward_params(m) == _PARAMS
 
 
 def _aware_qk(m, words, entities, k, heads):

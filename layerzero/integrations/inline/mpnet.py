@@ -13,7 +13,6 @@ must agree.
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from ... import ops
 from ...patch import probe_input
-from . import probe_tuple
+from . import forward_params, probe_tuple
 
 DESCRIPTION = "inline MPNet-style self-attention (relative position bias)"
 
@@ -40,11 +39,7 @@ def recognised(m: nn.Module) -> bool:
         return False
     if not isinstance(getattr(m, "dropout", None), nn.Dropout):
         return False
-    try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[1:] == _PARAMS
+    return forward_params(m) == _PARAMS
 
 
 def _bias(position_bias, attention_mask):

@@ -14,14 +14,13 @@ a pre-hook on the block).
 """
 from __future__ import annotations
 
-import inspect
 
 import torch
 from torch import nn
 
 from ... import ops
 from ...patch import observe, probe_input
-from . import probe_tuple
+from . import forward_params, probe_tuple
 
 DESCRIPTION = "inline MPT-style attention (fused Wqkv, ALiBi)"
 
@@ -45,11 +44,7 @@ def recognised(m: nn.Module) -> bool:
     if not (_number(getattr(m, "softmax_scale", None)) and _number(getattr(m, "attn_dropout_p", None))
             and (clip is None or _number(clip))):
         return False
-    try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[1:] == _PARAMS
+    return forward_params(m) == _PARAMS
 
 
 def _bias(position_bias, attention_mask, cache, s, sk, dtype):

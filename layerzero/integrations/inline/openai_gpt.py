@@ -18,7 +18,6 @@ Before swapping, both forwards run on a probe and must agree, as for norms and M
 """
 from __future__ import annotations
 
-import inspect
 import math
 import sys
 
@@ -27,6 +26,7 @@ from torch import nn
 
 from ... import ops
 from ...patch import agree, probe, probe_input
+from . import forward_params
 
 DESCRIPTION = "inline openai-gpt attention"
 
@@ -55,11 +55,7 @@ def recognised(m: nn.Module) -> bool:
     bias = getattr(m, "bias", None)
     if not (isinstance(bias, torch.Tensor) and bias.dim() == 4):
         return False
-    try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[1:] == _PARAMS
+    return forward_params(m) == _PARAMS
 
 
 def _bias_is_causal(m) -> bool:

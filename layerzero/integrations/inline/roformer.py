@@ -30,7 +30,7 @@ from torch import nn
 
 from ... import ops
 from ...patch import agree, observe, probe, probe_input
-from . import attentions_recorded
+from . import attentions_recorded, forward_params
 from .bert import _plain, _self_cache, decode_step
 
 DESCRIPTION = "inline RoFormer-style self-attention (rotary)"
@@ -51,11 +51,7 @@ def recognised(m: nn.Module) -> bool:
     if not (isinstance(getattr(m, "dropout", None), nn.Dropout) and isinstance(getattr(m, "rotary_value", None), bool)
             and isinstance(inspect.getattr_static(type(m), "apply_rotary_position_embeddings", None), staticmethod)):
         return False
-    try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[1:] == _PARAMS
+    return forward_params(m) == _PARAMS
 
 
 def _cos_sin(pos: torch.Tensor):

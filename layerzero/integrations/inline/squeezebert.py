@@ -12,7 +12,6 @@ states and a padding mask) and must agree.
 """
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from ... import ops
 from ...patch import agree, probe, probe_input
+from . import forward_params
 
 DESCRIPTION = "inline SqueezeBERT-style self-attention (Conv1d projections)"
 
@@ -42,11 +42,7 @@ def recognised(m: nn.Module) -> bool:
         return False
     if not isinstance(getattr(m, "dropout", None), nn.Dropout):
         return False
-    try:
-        params = list(inspect.signature(type(m).forward).parameters)
-    except (TypeError, ValueError):
-        return False
-    return params[1:] == _PARAMS
+    return forward_params(m) == _PARAMS
 
 
 def make_forward(original):
