@@ -51,6 +51,28 @@ def child_result(stdout: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def describe_error(e: Exception) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def variant_results(cmds: dict, parallel: bool, result: dict, errors: list, width: int):
+    """`run_children(cmds)`, yielding (name, the child's RESULT dict) for each child that
+    succeeded; one that failed (exit status, no RESULT line) is recorded in result["variants"]
+    and `errors`, printed (name padded to `width`) and skipped."""
+    for name, rc, out, err in run_children(cmds, parallel=parallel):
+        try:
+            if rc:
+                raise RuntimeError(f"exit status {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}")
+            res = child_result(out)
+        except Exception as e:  # noqa: BLE001 - a failed variant is reported, the others still run
+            result["variants"][name] = {"status": "error", "error": describe_error(e), "stderr_tail": err[-3000:]}
+            errors.append(name)
+            print(f"  {name:<{width}} error: {describe_error(e)}\n{err[-3000:]}", flush=True)
+            continue
+        yield name, res
+
+
 def first_difference(ref, tokens) -> int | None:
     """The first new-token index where two (rows, new tokens) lists of greedy tokens part, or None."""
     import torch

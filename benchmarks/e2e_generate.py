@@ -64,6 +64,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_transformers as E  # noqa: E402
+from _children import finish, first_difference, variant_results  # noqa: E402
 
 import layerzero as lz  # noqa: E402
 
@@ -275,16 +276,7 @@ def main(argv=None) -> dict:
         else:
             cmds[v] = base + ["--one", v]
     tokens, errors = {}, []
-    for v, rc, out, err in E.run_children(cmds, parallel=args.tiny):
-        try:
-            if rc:
-                raise RuntimeError(f"exit status {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}")
-            res = E.child_result(out)
-        except Exception as e:
-            result["variants"][v] = {"status": "error", "error": E._error(e), "stderr_tail": err[-3000:]}
-            errors.append(v)
-            print(f"  {v:<16} error: {E._error(e)}\n{err[-3000:]}", flush=True)
-            continue
+    for v, res in variant_results(cmds, args.tiny, result, errors, 16):
         if "not_available" in res:
             result["variants"][v] = {"status": "not available", "why": res["not_available"]}
             print(f"  {v:<16} not available: {res['not_available']}", flush=True)
@@ -308,7 +300,7 @@ def main(argv=None) -> dict:
     for r in result["rows"]:
         k = key(r["batch"], r["prompt"], r["new_tokens"])
         if ("sdpa", k) in tokens:
-            first = E.first_difference(tokens["sdpa", k], tokens[r["variant"], k])
+            first = first_difference(tokens["sdpa", k], tokens[r["variant"], k])
             r["same_tokens_as_sdpa"] = first is None
             r["first_differing_new_token"] = first
             if first is not None:
@@ -330,7 +322,7 @@ def main(argv=None) -> dict:
                   + " ".join(f"{ratios[v]:>16.3f}" if v in ratios else f"{'n/a':>16}" for v in ran))
     if "sdpa" in ran:
         print("  same tokens as sdpa: " + ("all" if not mismatches else "not " + "; ".join(mismatches)))
-    return E.finish(result, args.json, errors, args.tiny, mismatches, "sdpa")
+    return finish(result, args.json, errors, args.tiny, mismatches, "sdpa")
 
 
 if __name__ == "__main__":

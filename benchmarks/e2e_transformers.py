@@ -65,7 +65,7 @@ import torch
 
 import layerzero as lz
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # _children, when run by path
-from _children import child_result, finish, first_difference, run_children  # noqa: E402,F401  (also for e2e_generate, paged_generate)
+from _children import child_result, describe_error, run_children  # noqa: E402
 
 SHAPES = {
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -240,16 +240,12 @@ def run_compiled(label: str, names: list, args) -> dict:
                 res[n] = child_result(out)
                 res[n]["logits"] = torch.load(os.path.join(tmp, f"{n}.pt"))
             except Exception as e:
-                res[n] = {"error": _error(e), "stderr_tail": err[-3000:]}
+                res[n] = {"error": describe_error(e), "stderr_tail": err[-3000:]}
     return res
 
 
 def _kernels() -> dict:
     return {op: sorted(k) for op, k in lz.metrics()["calls"].items()}
-
-
-def _error(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
 
 
 def run_shape(label: str, shape: dict, args, device: str, dtype) -> dict:
@@ -305,7 +301,7 @@ def _run_shape(label: str, shape: dict, args, device: str, dtype, cuda: bool, sa
         print(f"  {label:<4} {name:<15} skipped: {why}")
 
     def fail(name: str, e: Exception) -> None:
-        res["variants"][name] = {"error": _error(e)}
+        res["variants"][name] = {"error": describe_error(e)}
         if name == "sdpa+liger":
             liger.pop("model", None)   # its memory; its globals stay for the recheck
         print(f"  {label:<4} {name:<15} error: {res['variants'][name]['error']}")
@@ -370,7 +366,7 @@ def _run_shape(label: str, shape: dict, args, device: str, dtype, cuda: bool, sa
     except Exception as e:
         if args.tiny:
             raise
-        recheck["error"] = _error(e)
+        recheck["error"] = describe_error(e)
     m = None
     lz.unpatch(model)
     _restore_modeling(saved)

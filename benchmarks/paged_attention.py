@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.getcwd())
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e_generate as G  # noqa: E402  (copy_bandwidth)
+
 import layerzero as lz  # noqa: E402
 from layerzero import reference, registry  # noqa: E402
 
@@ -44,26 +47,6 @@ SHAPES = [  # (name, batch, keys per row, Sq, ragged lengths)
     ("decode 64x(1..4096) ragged", 64, 4096, 1, True),
     ("verify 8x2048 Sq=4", 8, 2048, 4, False),
 ]
-
-
-def copy_bandwidth() -> float:
-    """Bytes per second of dst.copy_(src) (read + written), 1 GiB, best of 10 after 3 warm-ups
-    (the method of benchmarks/e2e_generate.py's copy_bandwidth)."""
-    src = torch.ones(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    best = float("inf")
-    for _ in range(10):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        dst.copy_(src)
-        e1.record()
-        e1.synchronize()
-        best = min(best, e0.elapsed_time(e1) / 1e3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * (1 << 30) / best
 
 
 def loop_us(fn, n: int = 20, trials: int = 5) -> float:
@@ -243,7 +226,7 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("benchmarks/paged_attention.py needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False
-    copy_bw = copy_bandwidth()
+    copy_bw = G.copy_bandwidth("cuda")
     dev = torch.cuda.get_device_name()
     print(f"{dev}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + written); goal: triton.paged_attention "
           f">= 85% of it at the goal shape")

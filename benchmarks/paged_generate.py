@@ -55,6 +55,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_generate as G  # noqa: E402
 import e2e_transformers as E  # noqa: E402
+from _children import finish, first_difference, variant_results  # noqa: E402
 
 import layerzero as lz  # noqa: E402
 
@@ -227,16 +228,7 @@ def main(argv=None) -> dict:
     base = [sys.executable, script, "--iters", str(args.iters)] + (["--tiny"] if args.tiny else [])
     cmds = {v: base + ["--one", v] for v in dict.fromkeys(args.variants)}
     tokens, errors = {}, []
-    for v, rc, out, err in E.run_children(cmds, parallel=args.tiny):
-        try:
-            if rc:
-                raise RuntimeError(f"exit status {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}")
-            r = E.child_result(out)
-        except Exception as e:
-            result["variants"][v] = {"status": "error", "error": E._error(e), "stderr_tail": err[-3000:]}
-            errors.append(v)
-            print(f"  {v:<12} error: {E._error(e)}\n{err[-3000:]}", flush=True)
-            continue
+    for v, r in variant_results(cmds, args.tiny, result, errors, 12):
         tokens[v] = r.pop("tokens")
         held = sum(n + r["new_tokens"] / 2 for n in r["lengths"]) / r["batch"]   # mean over the decode
         read_tokens = r["kv_tokens_per_row"] if v != "lz-paged" else held
@@ -250,7 +242,7 @@ def main(argv=None) -> dict:
     mismatches = []
     for r in result["rows"]:
         if BASE in tokens:
-            first = E.first_difference(tokens[BASE], tokens[r["variant"]])
+            first = first_difference(tokens[BASE], tokens[r["variant"]])
             r["same_tokens_as_" + BASE] = first is None
             r["first_differing_new_token"] = first
             if first is not None:
@@ -270,7 +262,7 @@ def main(argv=None) -> dict:
         print(f"  goal {name}: {goal['value']} (goal {goal['goal']}): {'met' if goal['met'] else 'NOT met'}")
     if BASE in tokens:
         print(f"  same tokens as {BASE}: " + ("all" if not mismatches else "not " + "; ".join(mismatches)))
-    return E.finish(result, args.json, errors, args.tiny, mismatches, BASE)
+    return finish(result, args.json, errors, args.tiny, mismatches, BASE)
 
 
 if __name__ == "__main__":
