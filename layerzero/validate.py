@@ -37,6 +37,16 @@ def _same(name, t, ref, ref_name, *, dtype=True):
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; they must match")
 
 
+def _sinks(sinks, q: torch.Tensor, hq: int) -> None:
+    """Attention sinks, when given: one float logit per query head, on q's device."""
+    if sinks is not None:
+        _tensor("sinks", sinks)
+        _float("sinks", sinks)
+        _same("sinks", sinks, q, "q", dtype=False)
+        if tuple(sinks.shape) != (hq,):
+            raise ValueError(f"sinks has shape {tuple(sinks.shape)}; allowed: (Hq,) = ({hq},)")
+
+
 def _number(name, x, *, lo=None, hi=None, lo_open=False, hi_open=False, allow_none=False):
     if x is None and allow_none:
         return None
@@ -130,12 +140,7 @@ def attention(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, 
         if tuple(alibi_slopes.shape) not in ((hq,), (b, hq)):
             raise ValueError(f"alibi_slopes has shape {tuple(alibi_slopes.shape)}; allowed: "
                              f"(Hq,) = ({hq},) or (B, Hq) = ({b}, {hq})")
-    if sinks is not None:
-        _tensor("sinks", sinks)
-        _float("sinks", sinks)
-        _same("sinks", sinks, q, "q", dtype=False)
-        if tuple(sinks.shape) != (hq,):
-            raise ValueError(f"sinks has shape {tuple(sinks.shape)}; allowed: (Hq,) = ({hq},)")
+    _sinks(sinks, q, hq)
     return CallSpec("attention", q.device.type, device_sm(q.device), q.dtype, b, hq, hk, sq, sk, d,
                     dv, layout, is_causal, causal_align, mask, window, softcap is not None,
                     alibi_slopes is not None, sinks is not None, dropout_p > 0.0,
@@ -191,12 +196,7 @@ def paged_attention(q, k_pages, v_pages, page_table, seq_lens, scale, is_causal,
     _number("scale", scale, lo=0.0, lo_open=True, allow_none=True)
     window = window_tuple(window)
     _number("softcap", softcap, lo=0.0, lo_open=True, allow_none=True)
-    if sinks is not None:
-        _tensor("sinks", sinks)
-        _float("sinks", sinks)
-        _same("sinks", sinks, q, "q", dtype=False)
-        if tuple(sinks.shape) != (hq,):
-            raise ValueError(f"sinks has shape {tuple(sinks.shape)}; allowed: (Hq,) = ({hq},)")
+    _sinks(sinks, q, hq)
     return CallSpec("paged_attention", q.device.type, device_sm(q.device), q.dtype, b, hq, hk, sq,
                     page_table.shape[1] * p, d, dv, layout, is_causal, "bottom_right", "none", window,
                     softcap is not None, False, sinks is not None, False,
