@@ -56,6 +56,14 @@ def refused_setting(model, cfg, options: dict) -> str | None:
     return None
 
 
+def eos_blocked_for(p, prompt_len: int) -> int:
+    """New tokens before which transformers' min-length processor `p` (a `_MIN_LENGTH` class)
+    blocks EOS, for prompts of `prompt_len` tokens (<= 0: none)."""
+    if type(p).__name__ == "MinLengthLogitsProcessor":
+        return p.min_length - prompt_len
+    return p.min_new_tokens + p.prompt_length_to_skip - prompt_len
+
+
 class Warpers:
     """The temperature / top-k / top-p / min-p settings of transformers' prepared warpers, as
     lz.sample's arguments (lz.generate's and lz.speculative_generate's plans, which start them
@@ -93,9 +101,7 @@ class _Plan(Warpers):
             if name in _REFUSED_PROCESSORS:
                 raise _refuse(_REFUSED_PROCESSORS[name])
             if name in _MIN_LENGTH:
-                n = (p.min_length - prompt_len if name == "MinLengthLogitsProcessor"
-                     else p.min_new_tokens + p.prompt_length_to_skip - prompt_len)
-                self.min_new = max(self.min_new, n)
+                self.min_new = max(self.min_new, eos_blocked_for(p, prompt_len))
                 self._min_eos = torch.as_tensor(p.eos_token_id, device=device).view(-1)
             elif name in _WARPERS and self._warper(p):
                 pass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..generation.plan import (_MIN_LENGTH, _REFUSED_OPTIONS, _REFUSED_PROCESSORS, _WARPERS, Warpers,
-                               refused_call)
+                               eos_blocked_for, refused_call)
 
 # transformers' processors / criteria this loop can't run, by the option that adds them
 _PROCESSOR_OPTIONS = {
@@ -92,8 +92,7 @@ class _Plan(Warpers):
             if name in _REFUSED_PROCESSORS:
                 raise _refuse(_REFUSED_PROCESSORS[name])
             if name in _MIN_LENGTH:
-                n = (p.min_length - prompt_len if name == "MinLengthLogitsProcessor"
-                     else p.min_new_tokens + p.prompt_length_to_skip - prompt_len)
+                n = eos_blocked_for(p, prompt_len)
                 if n > 0:
                     self.min_new = max(self.min_new, n)
                     self.min_eos = torch.as_tensor(p.eos_token_id).view(-1)
