@@ -1,7 +1,9 @@
-"""Small helpers the GPU backends share: device/dtype reasons, Triton's CPU interpreter, and
-whether a call is plain eager (not traced)."""
+"""Small helpers the GPU backends share: device/dtype reasons, Triton's CPU interpreter,
+whether a call is plain eager (not traced), modules imported on first use."""
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 
 import torch
@@ -19,6 +21,12 @@ def eager(t) -> bool:
     FakeTensorMode) and `t` a plain tensor (no fake/functional subclass). Only such a call may
     skip a custom op's dispatch, write into a fresh output in place, or use a cached tensor."""
     return type(t) is torch.Tensor and not _compiling() and not _modes()
+
+
+def lazy_module(name: str):
+    """A function returning module `name`, imported on its first call (kernel modules import
+    triton, which `import layerzero` must not)."""
+    return functools.cache(lambda: importlib.import_module(name))
 
 
 def dtype_name(dt: torch.dtype) -> str:

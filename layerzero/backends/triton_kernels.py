@@ -19,18 +19,10 @@ import torch
 from .. import probe
 from ..registry import register
 from . import priorities
-from ._gpu import eager, triton_reasons
+from ._gpu import eager, lazy_module, triton_reasons
 
 _IMPL = "layerzero.backends._triton_impl"
-_impl = None                                   # the _triton_impl module, once imported
-
-
-def _kernels():
-    global _impl
-    if _impl is None:
-        from . import _triton_impl
-        _impl = _triton_impl
-    return _impl
+_kernels = lazy_module(_IMPL)                  # the _triton_impl module, once imported
 
 
 @torch.library.custom_op("layerzero::triton_rms_norm", mutates_args=())

@@ -20,21 +20,13 @@ import torch
 
 from .. import probe
 from ..registry import register
-from ._gpu import eager, triton_reasons
+from ._gpu import eager, lazy_module, triton_reasons
 
 _IMPL = "layerzero.backends._triton_paged_impl"
 _NAME = "triton.paged_attention"
 MAX_SQ = 64                # as _triton_paged_impl.MAX_SQ (not imported here: it imports triton)
 MAX_HEAD_DIM = 256
-_impl = None
-
-
-def _kernels():
-    global _impl
-    if _impl is None:
-        from . import _triton_paged_impl
-        _impl = _triton_paged_impl
-    return _impl
+_kernels = lazy_module(_IMPL)
 
 
 @torch.library.custom_op("layerzero::triton_paged_attention", mutates_args=())
