@@ -22,8 +22,10 @@ from layerzero.backends import triton_paged
 from layerzero.call import CallSpec
 
 SCRIPT = textwrap.dedent("""
-    import os, math, torch
+    import os, math, sys, torch
     assert os.environ["TRITON_INTERPRET"] == "1"
+    sys.path.insert(0, TESTS)
+    from test_paged_attention import _dense_reference     # the row-by-row dense oracle
     import layerzero as lz
     from layerzero import reference
     from layerzero.backends import triton_paged as TP, _triton_paged_impl as T
@@ -71,23 +73,6 @@ SCRIPT = textwrap.dedent("""
         lens = torch.tensor([x for n in lens for x in (n, -5)], dtype=idx)[::2]
         return q, kp, vp, table, lens if strided else lens.contiguous(), dense
 
-    def dense_rows(q, dense, upcast, kw):
-        \"\"\"Row by row: reference.attention on the row's dense K/V, queries bottom-right.\"\"\"
-        outs = []
-        for row, (k, v) in enumerate(dense):
-            qr = q[row:row + 1]
-            if k.shape[0] == 0:
-                outs.append(torch.zeros(1, q.shape[1], q.shape[2], v.shape[-1], dtype=qr.dtype))
-                continue
-            kr, vr = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
-            kk = dict(kw)
-            if upcast:
-                qr, kr, vr = qr.double(), kr.double(), vr.double()
-                if kk.get("sinks") is not None:
-                    kk["sinks"] = kk["sinks"].double()
-            outs.append(reference.attention(qr, kr, vr, causal_align="bottom_right", upcast=upcast, **kk))
-        return torch.cat(outs)
-
     def check(what, op_kw, dtypes=(torch.float32,), layouts=("bhsd",), splits=None, **shape):
         n = 0
         for dt in dtypes:
@@ -98,8 +83,8 @@ SCRIPT = textwrap.dedent("""
                     kw["sinks"] = torch.randn(2 * q.shape[1], generator=torch.Generator().manual_seed(3)).to(dt)[::2]
                 ref_kw = dict(is_causal=kw.get("is_causal", True), window=kw.get("window"),
                               softcap=kw.get("softcap"), scale=kw.get("scale"), sinks=kw.get("sinks"))
-                dense64 = dense_rows(q, dense, True, ref_kw)
-                base = dense_rows(q, dense, False, ref_kw)
+                dense64 = _dense_reference(q, dense, True, **ref_kw)
+                base = _dense_reference(q, dense, False, **ref_kw)
                 d = lambda t: t.double() if isinstance(t, torch.Tensor) else t
                 ref64 = reference.paged_attention(q.double(), kp.double(), vp.double(), table, lens,
                                                   **{k: d(v) for k, v in kw.items()})
@@ -197,7 +182,7 @@ SCRIPT = textwrap.dedent("""
                                              lens).candidates}
     assert any("float64" in r for r in cand["triton.paged_attention"].reasons), cand
     print("OK", n)
-""")
+""").replace("TESTS", repr(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_paged_kernel_under_interpreter(tmp_path):
