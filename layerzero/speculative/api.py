@@ -158,8 +158,11 @@ def _run(target, draft, input_ids, processors, criteria, cfg, streamer, spec: di
     if graphed and lz_patch and input_ids.is_cuda:
         graphs.prepare(target, draft)
     # a graphed loop of this shape and these settings from an earlier call (its own caches only)
+    from ..paged.cache import PagedKVCache
+
+    given = _callers_cache(model_kwargs)
     key = None
-    if graphed and cfg.cache_implementation in (None, "static") and _callers_cache(model_kwargs) is None:
+    if graphed and cfg.cache_implementation in (None, "static") and given is None:
         key = (rows, n, max_new, kmax, lookup, plan.key())
         steps = graphs.kept(target, draft, key)
         if steps is not None:
@@ -171,14 +174,13 @@ def _run(target, draft, input_ids, processors, criteria, cfg, streamer, spec: di
     # lz.PagedKVCache): then by their worst row.
     runner = Runner(target, None)
     models = [runner] + ([Runner(draft, None)] if draft is not None else [])
-    # (a PagedKVCache keeps each row's real tokens only: no holes)
-    paged = type(_callers_cache(model_kwargs)).__name__ == "PagedKVCache"
-    holes = rows > 1 and "sliding_attention" not in types and all(r.takes_pos for r in models) and not paged
+    holes = (rows > 1 and "sliding_attention" not in types and all(r.takes_pos for r in models)
+             and not isinstance(given, PagedKVCache))
     crop_to_min = rows > 1 and not holes
     # columns: plain decoding needs prompt + max_new - 1; each step adds at most kmax + 1 columns
     need = n + max_new - 1
     roomy = n + max_new + kmax + (max_new if holes else 0)
-    cache, cap = _target_cache(target, cfg, model_kwargs, need, roomy, graphed)
+    cache, cap = _target_cache(target, cfg, given, need, roomy, graphed)
     static = cap is not None
     fixed = static and graphed
     if not static:
@@ -194,7 +196,7 @@ def _run(target, draft, input_ids, processors, criteria, cfg, streamer, spec: di
     loop = Loop(runner, drafter, plan, input_ids, model_kwargs.get("attention_mask"), max_new=max_new,
                 cap=cap, kmax=kmax, crop_to_min=crop_to_min, want_scores=want_scores,
                 want_logits=want_logits, fixed=fixed)
-    steps = graphs.StepGraphs(loop, models) if graphed and fixed else None
+    steps = graphs.StepGraphs(loop, models) if fixed else None
     if steps is not None and key is not None:
         graphs.keep(target, draft, key, steps)
     return _decode(loop, steps, plan, cfg, input_ids, k0, kmax, schedule, stats, streamer, model_kwargs,

@@ -23,7 +23,7 @@ def _callers_cache(model_kwargs: dict):
     return given if getattr(given, "_is_user_defined", False) else None
 
 
-def _target_cache(model, cfg, model_kwargs, need: int, roomy: int, fixed: bool):
+def _target_cache(model, cfg, given, need: int, roomy: int, fixed: bool):
     """(cache, capacity in columns) for the target. A StaticCache passed in is used as it is (its
     capacity bounds k near the end), so are a DynamicCache and an lz.PagedKVCache (no bound);
     cache_implementation="static", or none asked for where the steps are graphed (`fixed`), gets
@@ -33,7 +33,6 @@ def _target_cache(model, cfg, model_kwargs, need: int, roomy: int, fixed: bool):
 
     from ..paged.cache import PagedKVCache
 
-    given = _callers_cache(model_kwargs)
     if isinstance(given, PagedKVCache) and given.graph_mode:
         raise ValueError("this lz.PagedKVCache is in graph mode (pages reserved by an earlier decode "
                          "loop); call cache.reset() before lz.speculative_generate")
