@@ -86,12 +86,14 @@ class Runner:
         self.cache_kw, self.takes_pos, self.takes_cp, self.takes_keep = forward_kwargs(model)
         self.forwards = 0
 
-    def __call__(self, loop: "Loop", start, width: int, keep: int) -> torch.Tensor:
+    def __call__(self, loop: "Loop", start, width: int, keep: int, seek: bool = True) -> torch.Tensor:
         """Float32 logits (B, keep, V) of the last `keep` columns fed. `start`: an int, or under
-        fixed addressing a 0-d device tensor (the static cache seeks to it; full-length mask)."""
+        fixed addressing a 0-d device tensor (full-length mask; the static cache seeks to it,
+        unless `seek` is False: the cache's last forward ended there)."""
         if isinstance(start, torch.Tensor):
             cols = start + loop.ar[:width]
-            self.seek(start)
+            if seek:
+                self.seek(start)
             ids, pos, mask = loop.tok.index_select(1, cols), loop.pos.index_select(1, cols), loop.mask[:, :loop.cap]
         else:
             cols = torch.arange(start, start + width, device=loop.tok.device)
@@ -144,7 +146,8 @@ class ModelDraft:
             else:
                 at, width = start, loop.L + i + 1 - start
                 start = loop.L + i + 1
-            scores = loop.process(self.run(loop, at, width, 1), loop.count[:, None] + i)[:, 0]
+            # (fixed: the draft's later forwards continue where its first one ended: no seek)
+            scores = loop.process(self.run(loop, at, width, 1, seek=i == 0), loop.count[:, None] + i)[:, 0]
             if loop.plan.greedy:
                 d = scores.argmax(-1)
             else:
