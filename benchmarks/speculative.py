@@ -29,7 +29,9 @@ far below alpha (H200, bf16: 0.04-0.15 measured at alpha 0.5-0.95). In fp32 both
 measured acceptance is printed next to alpha. The draft/target cost ratio (one-token forwards
 with a cache, eager, median of 20) is measured and printed.
 
-Timing: the first call of each variant and config is a warm-up (compiling, capturing); then
+Timing: the first WARMUPS (2) calls of each variant and config are warm-ups (compiling,
+capturing: the acceptance schedule carries its estimates from call to call, so the second call
+may pick, and capture, a k the first did not; their seconds are in the JSON as warmup_s); then
 --iters calls, each timed alone (torch.cuda.synchronize() before and after), median. tok/s =
 batch * new / seconds; speedup = tok/s / tok/s(plain) of the same config. Acceptance rate and
 tokens per target forward come from SpeculativeStats; `same` counts rows whose tokens equal plain
@@ -110,22 +112,24 @@ class OracleDraft(torch.nn.Module):
         return types.SimpleNamespace(logits=logits)
 
 
+WARMUPS = 2
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def timed(fn, device, iters: int):
-    """(last result, [seconds of each timed call]) after one warm-up call."""
-    fn()
+def timed(fn, device, iters: int, warmups: int = WARMUPS):
+    """(last result, [seconds of each timed call], [seconds of each warm-up call])."""
     times, out = [], None
-    for _ in range(iters):
+    for _ in range(warmups + iters):
         sync(device)
         t0 = time.perf_counter()
         out = fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return out, times
+    return out, times[warmups:], times[:warmups]
 
 
 def run_variant(name, fn, plain_tokens, batch, new, device, iters, prompt_len) -> dict:
@@ -136,12 +140,13 @@ def run_variant(name, fn, plain_tokens, batch, new, device, iters, prompt_len) -
         stats_box["s"] = st
         return fn(st)
 
-    out, times = timed(call, device, iters)
+    out, times, warm = timed(call, device, iters)
     sec = statistics.median(times)
     st = stats_box["s"]
     toks = out[:, prompt_len:]
     row = {"variant": name, "batch": batch, "new_tokens": new, "seconds": [round(t, 4) for t in times],
-           "median_s": round(sec, 4), "tok_per_s": round(batch * new / sec, 2)}
+           "median_s": round(sec, 4), "tok_per_s": round(batch * new / sec, 2),
+           "warmup_s": [round(t, 3) for t in warm]}
     if st.target_forwards:
         row.update(acceptance=round(st.acceptance_rate, 4),
                    tokens_per_target_forward=round(st.tokens_per_target_forward, 3),

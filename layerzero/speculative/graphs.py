@@ -5,13 +5,15 @@ launches of some hundred of them. The host still reads one small tensor per step
 counters: the adaptive k and the stopping test need them).
 
 The first step of each k runs eagerly (it warms its kernels up: LayerZero's choices, Triton
-builds, cuBLAS handles); the second is captured, then replayed from there on. The graphs share
+builds, cuBLAS handles) and is captured right after (a capture records, it runs nothing: the
+state the eager step left is the state the graph will read); every later step of that k
+replays. So a new k costs one eager step and a capture, not two steps. The graphs share
 one memory pool; each keeps the tensor the step returns. A capture that raises is logged and
 counted (`lz.metrics()["fallbacks"][GRAPH_FALLBACK]`) and the call's steps run eagerly.
 
 The loop (its buffers and static caches) and its graphs stay with the target for the next call
 of the same shape and settings (`kept` / `keep`: the last KEEP per target, the draft held
-weakly), which then starts replaying at once (a call's captures cost about one eager step per k),
+weakly), which then starts replaying at once,
 with the acceptance schedule's estimates (`schedule.Schedule`) of the calls before."""
 from __future__ import annotations
 
@@ -81,7 +83,6 @@ class StepGraphs:
     def __init__(self, loop, runners):
         self.loop, self.runners = loop, runners
         self.graphs: dict = {}          # k -> (graph, the step's returned tensor, forwards per runner)
-        self.warm: set = set()
         self.pool = None
         self.failed = not loop.tok.is_cuda     # (FIXED_ON_CPU: eager steps)
         self.schedule = None                   # the acceptance schedule's state, for the next call
@@ -102,12 +103,9 @@ class StepGraphs:
             return self.loop.step(k)
         entry = self.graphs.get(k)
         if entry is None:
-            if k not in self.warm:
-                self.warm.add(k)
-                return self.loop.step(k)
-            entry = self.graphs[k] = self._capture(k)
-            if entry is None:
-                return self.loop.step(k)
+            out = self.loop.step(k)                 # eager: warms this k's kernels up
+            self.graphs[k] = self._capture(k)       # records the step for the next one
+            return out
         graph, out, forwards = entry
         graph.replay()
         for r, n in zip(self.runners, forwards):

@@ -8,8 +8,8 @@
     row's count counts that count once); successes and trials are summed with a decay of
     DECAY per step, with one success and one failure as a prior.
     c: the host times every step (it waits for the step's counters anyway); each k's time is a
-    running mean that skips its first WARM steps (on CUDA: the eager step and the capture of its
-    graph); once two values of k have times, a least-squares line a0 + b k through them gives
+    running mean that skips its first WARM step (on CUDA: the eager step followed by the capture
+    of its graph); once two values of k have times, a least-squares line a0 + b k through them gives
     c = b / a0; before that c is COST_PRIOR for a draft model, 0 for prompt lookup.
   k stays within 1..max_draft_tokens; ties go to the smaller k.
 - "heuristic" (transformers' schedule for assistants): k + 2 after a step where at least half of
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 SCHEDULES = ("acceptance", "heuristic", "constant")
 DECAY = 0.8
-WARM = 2
+WARM = 1
 COST_PRIOR = 0.1
 
 
