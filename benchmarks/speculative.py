@@ -29,8 +29,11 @@ random tokens; alpha in --alphas (0.5 0.8 0.95), batch 1 and 8; variants plain, 
 bf16 the verify forward (k+1 tokens at once) picks another greedy token than plain decoding (one
 token at a time) within a few tokens; past that point the oracle is stale and acceptance falls
 far below alpha (H200, bf16: 0.04-0.15 measured at alpha 0.5-0.95). In fp32 both agree; the
-measured acceptance is printed next to alpha. The draft/target cost ratio (one-token forwards
-with a cache, eager, median of 20) is measured and printed.
+measured acceptance is printed next to alpha; so is the draft's cost as the loop measured it
+(`SpeculativeStats.draft_cost`: a draft token's step time over the rest of the step, graphed),
+the measure for the issue's "draft costing <= 1/10 of the target". The eager draft/target cost
+ratio (one-token forwards with a cache, eager, median of 20: host-bound, so it overstates what
+the draft costs in the graphed loop) is measured and printed too.
 
 Timing: the first WARMUPS (2) calls of each variant and config are warm-ups (compiling,
 capturing: the acceptance schedule carries its estimates from call to call, so the second call
@@ -40,7 +43,8 @@ batch * new / seconds; speedup = tok/s / tok/s(plain) of the same config. Accept
 tokens per target forward come from SpeculativeStats; `same` counts rows whose tokens equal plain
 greedy's. Goals printed at the end: trained pair lz >= 1.5x assisted (batch 1); 1B lz >= 2x
 plain at alpha 0.8 batch 1; 1B lz > 1x plain at alpha 0.8 batch 8 (plain: transformers' eager
-greedy; lz-generate's ratio is printed beside it). Writes --json.
+greedy; lz-generate's ratio is printed beside it); the 1B draft's measured cost <= 0.1 (alpha 0.8,
+batch 1). Writes --json.
 
     PYTHONPATH=$PWD python benchmarks/speculative.py --train --json $OUT/speculative.json
 --tiny: CPU, fp32, a pair trained by `train_draft_pair.py --tiny` into a temporary directory, the
@@ -71,7 +75,11 @@ import layerzero as lz  # noqa: E402
 from layerzero.speculative import SpeculativeStats, speculative_generate  # noqa: E402
 from layerzero.speculative import graphs as spec_graphs  # noqa: E402
 
-GOALS = {"pair_vs_assisted_b1": 1.5, "1b_alpha0.8_b1": 2.0, "1b_alpha0.8_b8": 1.0}
+# name -> (comparison, bound); 1b_draft_cost is the issue's premise for the 1B goals (a draft costing
+# <= 1/10 of the target), as the acceptance schedule measured it in the graphed loop (alpha 0.8, batch 1)
+GOALS = {"pair_vs_assisted_b1": (">=", 1.5), "1b_alpha0.8_b1": (">=", 2.0), "1b_alpha0.8_b8": (">", 1.0),
+         "1b_draft_cost": ("<=", 0.1)}
+_MET = {">=": lambda v, g: v >= g, ">": lambda v, g: v > g, "<=": lambda v, g: v <= g}
 
 
 class OracleDraft(torch.nn.Module):
@@ -155,6 +163,8 @@ def run_variant(name, fn, plain_tokens, batch, new, device, iters, prompt_len) -
                    tokens_per_target_forward=round(st.tokens_per_target_forward, 3),
                    target_forwards=st.target_forwards, draft_forwards=st.draft_forwards,
                    mean_k=round(statistics.mean(st.draft_lengths), 2) if st.draft_lengths else 0, holes=st.holes)
+        if st.draft_cost is not None:
+            row["draft_cost"] = round(st.draft_cost, 4)
     if plain_tokens is not None:
         row["same"] = int((toks == plain_tokens).all(1).sum())
     row["tokens_shape"] = list(toks.shape)
@@ -167,6 +177,8 @@ def fmt(r: dict, plain_tps: float | None) -> str:
     if "acceptance" in r:
         extra = (f"accept {r['acceptance']:.3f}  tok/fwd {r['tokens_per_target_forward']:.2f}  "
                  f"mean k {r['mean_k']}")
+        if "draft_cost" in r:
+            extra += f"  draft cost {r['draft_cost']:.3f}"
     same = f"same {r['same']}/{r['batch']}" if "same" in r else ""
     alpha = f"alpha {r['alpha']:<4} " if "alpha" in r else ""
     return (f"  {r['variant']:<12} {alpha}b{r['batch']:<2} {r['tok_per_s']:9.1f} tok/s "
@@ -263,15 +275,24 @@ def part_1b(args, device, dtype) -> dict:
             print(f"  draft / target forward time (one token, cached): {res['draft_cost_ratio']:.3f}", flush=True)
             del probe
         for alpha in args.alphas:
-            def spec(st, draft=OracleDraft(target, oracle, alpha, args.draft_layers)):
+            draft = OracleDraft(target, oracle, alpha, args.draft_layers)
+
+            def spec(st, draft=draft):
                 return speculative_generate(target, draft, ids, num_draft_tokens=args.k, stats=st, **gen)
 
             row, _ = run_variant("lz", spec, plain_tokens, batch, args.new, device, args.iters, args.prompt)
             row["alpha"] = alpha
             row["speedup"] = round(row["tok_per_s"] / plain_tps, 3)
+            if alpha == 0.8:
+                row["loop_cost"] = loop_draft_cost(target, draft, ids, gen)
+                row["draft_cost"] = row["loop_cost"]["draft_cost"]
             res["rows"].append(row)
             print(fmt(row, plain_tps), flush=True)
-            del spec
+            if "loop_cost" in row:
+                steps = ", ".join(f"k={k}: {t * 1e3:.2f} ms" for k, t in row["loop_cost"]["step_s"].items())
+                print(f"    graphed step at constant k: {steps}; a draft token / the rest of a step: "
+                      f"{row['draft_cost']:.3f}", flush=True)
+            del spec, draft
         lz.unpatch(target)
     return res
 
@@ -298,6 +319,26 @@ def cost_ratio(target, draft, ids, device, n: int = 20) -> float:
     return per_token(draft) / per_token(target)
 
 
+@torch.no_grad()
+def loop_draft_cost(target, draft, ids, gen, ks=(1, 8)) -> dict:
+    """The draft's cost where it runs, in the loop's graphed steps: the median host time of a step
+    at constant k for each k in `ks` (two calls each, the first captures; a call's steps of that
+    k after its first), a line a0 + b k through them; draft_cost = b / a0, a draft token's time
+    over the rest of a step (the verify forward, acceptance, bookkeeping)."""
+    step = {}
+    for k in ks:
+        for _ in range(2):
+            st = SpeculativeStats()
+            speculative_generate(target, draft, ids, num_draft_tokens=k, max_draft_tokens=max(ks),
+                                 draft_schedule="constant", stats=st, **gen)
+        times = [t for t, kk in zip(st.step_seconds[1:], st.draft_lengths[1:]) if kk == k]
+        step[k] = statistics.median(times)
+    lo, hi = min(ks), max(ks)
+    b = (step[hi] - step[lo]) / (hi - lo)
+    a0 = step[lo] - b * lo
+    return {"step_s": {k: round(t, 6) for k, t in step.items()}, "draft_cost": round(b / a0, 4)}
+
+
 def goals(result: dict) -> dict:
     out = {}
     pair = {(r["variant"], r["batch"]): r for r in result["pair"]["rows"]}
@@ -306,8 +347,10 @@ def goals(result: dict) -> dict:
     for r in result["1b"]["rows"]:
         if r.get("alpha") == 0.8:
             out[f"1b_alpha0.8_b{r['batch']}"] = r["speedup"]
-    return {k: {"value": v, "goal": GOALS.get(k), "met": (v >= GOALS[k] if k != "1b_alpha0.8_b8" else v > GOALS[k])
-                if k in GOALS else None} for k, v in out.items()}
+            if r["batch"] == 1 and "draft_cost" in r:
+                out["1b_draft_cost"] = r["draft_cost"]
+    return {k: {"value": v, "goal": GOALS[k][1], "cmp": GOALS[k][0], "met": _MET[GOALS[k][0]](v, GOALS[k][1])}
+            for k, v in out.items() if k in GOALS}
 
 
 def main(argv=None) -> dict:
@@ -359,7 +402,8 @@ def main(argv=None) -> dict:
     result["seconds"] = round(time.perf_counter() - t0, 1)
     print("\ngoals" + (" (CPU smoke run: not meaningful)" if args.tiny else "") + ":")
     for k, v in result["goals"].items():
-        print(f"  {k:<22} {v['value']:6.2f}x  goal {'>' if k.endswith('b8') else '>='} {v['goal']}x  "
+        unit = "" if k == "1b_draft_cost" else "x"
+        print(f"  {k:<22} {v['value']:6.3f}{unit}  goal {v['cmp']} {v['goal']}{unit}  "
               f"{'met' if v['met'] else 'NOT met'}")
     if args.tiny:   # fp32: speculative greedy must be the target's greedy
         bad = [r for part in ("pair", "1b") for r in result[part]["rows"]

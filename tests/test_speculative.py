@@ -105,6 +105,7 @@ def test_greedy_is_the_targets_greedy(rows, cache):
     assert 0 < stats.acceptance_rate < 1, stats          # steps with rejections and with acceptances
     assert stats.holes and stats.rows == rows
     assert stats.target_forwards < 14                    # fewer target forwards than tokens
+    assert len(stats.step_seconds) == len(stats.draft_lengths) == stats.target_forwards - 1   # one per step
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
@@ -568,5 +569,7 @@ def test_benchmark_tiny_smoke(tmp_path):
         ("plain", 1), ("assisted", 1), ("lz-eager", 1), ("lz", 1), ("lz-lookup", 1)}
     assert [r.get("alpha") for r in res["1b"]["rows"]] == [None, 0.5, 0.8, 0.95]
     assert all(r["same"] == r["batch"] for r in res["pair"]["rows"] + res["1b"]["rows"] if "same" in r)
-    assert set(res["goals"]) == {"pair_vs_assisted_b1", "1b_alpha0.8_b1"}
+    assert set(res["goals"]) == {"pair_vs_assisted_b1", "1b_alpha0.8_b1", "1b_draft_cost"}
+    alpha8 = res["1b"]["rows"][2]
+    assert set(alpha8["loop_cost"]["step_s"]) == {"1", "8"} and alpha8["draft_cost"] > 0
     assert res["pair"]["meta"]["tiny"] is True and res["pair"]["meta"]["target"]["steps"] == 30

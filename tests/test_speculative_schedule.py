@@ -58,6 +58,18 @@ def test_the_acceptance_schedule_learns_the_rate_and_the_cost():
     assert poor.k == 1
 
 
+def test_the_measured_cost_is_none_until_two_k_have_times():
+    sched = S.Schedule("acceptance", 4, 8, True)
+    assert sched.measured_cost() is None and sched.cost() == S.COST_PRIOR
+    for _ in range(S.WARM + 3):     # one k only: no line yet
+        sched.k = 4
+        sched.update(4, 1, 4, 1, 4, True, 1.0 + 0.05 * 4)
+    assert sched.measured_cost() is None
+    for _ in range(S.WARM + 3):
+        sched.update(2, 1, 2, 1, 2, True, 1.0 + 0.05 * 2)
+    assert abs(sched.measured_cost() - 0.05) < 1e-9
+
+
 def test_a_batch_that_keeps_its_worst_row_counts_what_it_kept():
     """Without holes the batch advances by its worst row: 8 rows at 0.8 per token advance like
     one row at a much lower rate, and the schedule sees that rate."""

@@ -27,6 +27,11 @@ class SpeculativeStats:
     rows still generating, and how many of them the target accepted. draft_lengths: k of each
     step (the adaptive schedule's trace). holes: True when a batch advanced by its best row
     (rows that accepted fewer got masked columns), False when it advanced by its worst row.
+    step_seconds: the host's seconds of each step (launch or replay, and the read of its counters).
+    draft_cost: a draft token's time over the rest of a step (the verify, acceptance and
+    bookkeeping), as the "acceptance" schedule measured it from the host's step times (this call's
+    and, for a kept graphed loop, the calls' before); None where it was not measured (other
+    schedules, or fewer than two values of k timed).
     """
     rows: int = 0
     new_tokens: int = 0
@@ -36,6 +41,8 @@ class SpeculativeStats:
     accepted: int = 0
     draft_lengths: list = dataclasses.field(default_factory=list)
     holes: bool = True
+    step_seconds: list = dataclasses.field(default_factory=list, compare=False)   # timings: not what
+    draft_cost: float | None = dataclasses.field(default=None, compare=False)    # happened (==)
 
     @property
     def acceptance_rate(self) -> float:
@@ -231,7 +238,9 @@ def _decode(loop: Loop, steps, plan, cfg, input_ids, k0: int, kmax: int, schedul
             k = min(k, drafter.available(loop, k))
         out = loop.step(k) if steps is None else steps.step(k)
         m, was_active, accepted, full, active, need_max = out.tolist()
-        sched.update(k, was_active, accepted, full, m, not loop.crop_to_min, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        sched.update(k, was_active, accepted, full, m, not loop.crop_to_min, seconds)
+        stats.step_seconds.append(seconds)
         loop.commit(k, m)
         stats.draft_lengths.append(k)
         stats.drafted += k * was_active
@@ -241,6 +250,7 @@ def _decode(loop: Loop, steps, plan, cfg, input_ids, k0: int, kmax: int, schedul
     if streamer is not None:
         streamer.end()
     kept = loop.kept()
+    stats.draft_cost = sched.measured_cost()
     stats.new_tokens = int(kept.sum())
     stats.target_forwards = runner.forwards
     stats.draft_forwards = models[1].forwards if len(models) > 1 else 0

@@ -49,16 +49,22 @@ class Schedule:
     def alpha(self) -> float:
         return self.succ / self.trials
 
-    def cost(self) -> float:
+    def measured_cost(self) -> float | None:
+        """c from the measured step times (a least-squares line a0 + b k, c = b / a0); None before
+        two values of k have times past their warm-up step."""
         pts = [(k, t) for k, (n, t) in self.times.items() if n > WARM]
         if len(pts) < 2:
-            return self.cost_prior
+            return None
         mk = sum(k for k, _ in pts) / len(pts)
         mt = sum(t for _, t in pts) / len(pts)
         var = sum((k - mk) ** 2 for k, _ in pts)
         b = max(sum((k - mk) * (t - mt) for k, t in pts) / var, 0.0)
         a0 = mt - b * mk
-        return b / a0 if a0 > 0 else self.cost_prior
+        return b / a0 if a0 > 0 else None
+
+    def cost(self) -> float:
+        c = self.measured_cost()
+        return self.cost_prior if c is None else c
 
     def update(self, k: int, was_active: int, accepted: int, full: int, m: int, holes: bool,
                seconds: float) -> None:
