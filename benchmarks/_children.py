@@ -81,6 +81,13 @@ def first_difference(ref, tokens) -> int | None:
     return int(differ[:, 1].min()) if len(differ) else None
 
 
+def differing_rows(ref, tokens) -> list:
+    """The rows of two (rows, new tokens) lists of greedy tokens that differ anywhere."""
+    import torch
+
+    return (torch.tensor(ref) != torch.tensor(tokens)).any(1).nonzero()[:, 0].tolist()
+
+
 def finish(result: dict, json_path: str, errors: list, tiny: bool, mismatches: list, base: str) -> dict:
     """The end of a benchmark parent: write the JSON, fail on failed variants and (fp32 --tiny
     runs) on tokens that differ from `base`'s."""
