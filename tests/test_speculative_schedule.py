@@ -50,7 +50,9 @@ def test_the_acceptance_schedule_learns_the_rate_and_the_cost():
                  warm_time=50.0, seed=1)
     assert abs(sched.alpha - 0.85) < 0.1
     assert abs(sched.cost() - 0.05) < 1e-6          # the warm-up steps' 50 s left out
-    assert sched.k == S.best_k(sched.alpha, sched.cost(), 8)
+    assert sched.k == sched.pick()
+    best = S.best_k(sched.alpha, sched.cost(), 8)       # the value of k it holds is within NEW_K_GAIN of the best
+    assert S.value(sched.alpha, sched.cost(), sched.k) * S.NEW_K_GAIN >= S.value(sched.alpha, sched.cost(), best)
     cheap = _run(S.Schedule("acceptance", 4, 8, True), alpha=0.9, a0=1.0, b=0.01, steps=200, seed=2)
     dear = _run(S.Schedule("acceptance", 4, 8, True), alpha=0.9, a0=1.0, b=0.6, steps=200, seed=2)
     assert cheap.k > dear.k
@@ -96,3 +98,22 @@ def test_heuristic_and_constant():
     c = S.Schedule("constant", 3, 6, True)
     c.update(3, 1, 3, 1, 3, True, 0.1)
     assert c.k == 3
+
+
+def test_a_new_k_only_when_clearly_better_than_the_ks_that_ran(monkeypatch):
+    """Each k that has not run costs an eager step and a capture: after two values of k have run,
+    the schedule keeps to them while a new k promises less than NEW_K_GAIN times their best."""
+    gain = S.NEW_K_GAIN
+
+    def visited(gain, seed):
+        monkeypatch.setattr(S, "NEW_K_GAIN", gain)
+        return _run(S.Schedule("acceptance", 4, 8, True), alpha=0.8, a0=1.0, b=0.05, steps=300, seed=seed)
+
+    for seed in range(4):
+        free, held = visited(1.0, seed), visited(gain, seed)
+        assert len(held.times) <= 3 < len(free.times)          # 3 values of k at most, not 6-8
+        best = S.best_k(0.8, 0.05, 8)
+        assert S.value(0.8, 0.05, held.k) * gain >= S.value(0.8, 0.05, best)
+    # acceptance collapses: k = 1 is far better than the large k that ran, so it is taken
+    _run(held, alpha=0.05, a0=1.0, b=0.05, steps=100, seed=5)
+    assert held.k == 1
