@@ -46,7 +46,7 @@ def _run(sched, alpha, a0, b, steps, rows=1, holes=True, warm_time=None, seed=0)
 
 
 def test_the_acceptance_schedule_learns_the_rate_and_the_cost():
-    sched = _run(S.Schedule("acceptance", 4, 8, True), alpha=0.85, a0=1.0, b=0.05, steps=200,
+    sched = _run(S.Schedule("acceptance", 4, 8, True, graphed=True), alpha=0.85, a0=1.0, b=0.05, steps=200,
                  warm_time=50.0, seed=1)
     assert abs(sched.alpha - 0.85) < 0.1
     assert abs(sched.cost() - 0.05) < 1e-6          # the warm-up steps' 50 s left out
@@ -107,7 +107,8 @@ def test_a_new_k_only_when_clearly_better_than_the_ks_that_ran(monkeypatch):
 
     def visited(gain, seed):
         monkeypatch.setattr(S, "NEW_K_GAIN", gain)
-        return _run(S.Schedule("acceptance", 4, 8, True), alpha=0.8, a0=1.0, b=0.05, steps=300, seed=seed)
+        return _run(S.Schedule("acceptance", 4, 8, True, graphed=True), alpha=0.8, a0=1.0, b=0.05, steps=300,
+                    seed=seed)
 
     for seed in range(4):
         free, held = visited(1.0, seed), visited(gain, seed)
@@ -117,3 +118,5 @@ def test_a_new_k_only_when_clearly_better_than_the_ks_that_ran(monkeypatch):
     # acceptance collapses: k = 1 is far better than the large k that ran, so it is taken
     _run(held, alpha=0.05, a0=1.0, b=0.05, steps=100, seed=5)
     assert held.k == 1
+    # eager steps (no capture to pay for) take the best k at once
+    assert S.Schedule("acceptance", 4, 8, True).new_k_gain == 1.0

@@ -120,12 +120,15 @@ def _bool_block_mask(pattern, full, sq, sk, device):
 
 # The last bool mask's block mask: a model's layers pass the same mask object, so its block mask
 # is built once per forward (checked by identity and version; not while tracing). The entry (its
-# mask_mod reads the mask) keeps that one mask alive until a call with another mask.
+# mask_mod reads the mask) keeps that one mask alive until a call with another mask. A CUDA graph
+# capture takes no entry built outside it (the graph must record the build, so that a replay
+# builds from the mask it is replayed with), and an eager call none built inside one.
 _LAST_BOOL: list = []
 
 
 def _bool_block_mask_cached(pattern, attn_mask, full, sq, sk, device):
-    key = (pattern, tuple(full.shape), sq, sk, device)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = (pattern, tuple(full.shape), sq, sk, device, capturing)
     if _LAST_BOOL:
         last, version, last_key, mask = _LAST_BOOL[0]
         if last is attn_mask and version == attn_mask._version and last_key == key:

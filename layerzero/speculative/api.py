@@ -222,7 +222,8 @@ def _decode(loop: Loop, steps, plan, cfg, input_ids, k0: int, kmax: int, schedul
     loop.prefill()
     if streamer is not None:
         sent = _stream(streamer, loop, sent)
-    sched = Schedule(schedule, k0, kmax, isinstance(drafter, ModelDraft))
+    sched = Schedule(schedule, k0, kmax, isinstance(drafter, ModelDraft),
+                     graphed=steps is not None and not steps.failed)
     if steps is not None:   # a kept loop keeps what its schedule learnt (rate, step times) too
         old = getattr(steps, "schedule", None)
         if old is not None and (old.kind, old.kmax) == (schedule, kmax) and schedule == "acceptance":

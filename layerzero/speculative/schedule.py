@@ -13,9 +13,9 @@
     c = b / a0; before that c is COST_PRIOR for a draft model, 0 for prompt lookup.
   k stays within 1..max_draft_tokens; ties go to the smaller k. A k that has not run yet costs
   more than its steps: on CUDA its first step runs eagerly and is captured (H200, the 1B target in
-  fp32 at batch 8: one such step took a 0.6 s call to 5.4 s). So once two values of k have run,
-  the schedule moves to a new one only when it promises more than NEW_K_GAIN times the best k
-  that has run; the curve is flat near its top, so little is given up.
+  fp32 at batch 8: one such step took a 0.6 s call to 5.4 s). So where the steps are graphed, once
+  two values of k have run, the schedule moves to a new one only when it promises more than
+  NEW_K_GAIN times the best k that has run; the curve is flat near its top, so little is given up.
 - "heuristic" (transformers' schedule for assistants): k + 2 after a step where at least half of
   the active rows accepted all k drafts, else k - 1.
 - "constant": k = num_draft_tokens.
@@ -49,8 +49,9 @@ def best_k(alpha: float, cost: float, kmax: int, among=None) -> int:
 class Schedule:
     """`k`: the draft length of the next step; `update(...)` after each step."""
 
-    def __init__(self, kind: str, k0: int, kmax: int, model_draft: bool):
+    def __init__(self, kind: str, k0: int, kmax: int, model_draft: bool, graphed: bool = False):
         self.kind, self.k, self.kmax = kind, k0, kmax
+        self.new_k_gain = NEW_K_GAIN if graphed else 1.0      # a new k costs a capture
         self.succ, self.trials = 1.0, 2.0                 # the prior: one success, one failure
         self.cost_prior = COST_PRIOR if model_draft else 0.0
         self.times: dict[int, list] = {}                  # k -> [steps seen, mean seconds]
@@ -95,11 +96,12 @@ class Schedule:
         self.k = self.pick()
 
     def pick(self) -> int:
-        """best_k, held to the values of k that have run unless a new one is clearly better."""
+        """best_k, held (graphed steps) to the values of k that have run unless a new one is
+        clearly better."""
         alpha, cost = self.alpha, self.cost()
         best = best_k(alpha, cost, self.kmax)
         ran = [k for k in self.times if 1 <= k <= self.kmax]
         if best in self.times or len(ran) < 2:
             return best
         known = best_k(alpha, cost, self.kmax, among=ran)
-        return best if value(alpha, cost, best) > NEW_K_GAIN * value(alpha, cost, known) else known
+        return best if value(alpha, cost, best) > self.new_k_gain * value(alpha, cost, known) else known
