@@ -53,6 +53,28 @@ def test_fused_projections_share_one_weight_and_give_the_same_values():
     assert item.kind == "projections" and item.status == "patched"
 
 
+def test_fusing_keeps_the_parameters_and_adds_no_memory():
+    """The projections keep their Parameter objects (views of the fused matrix now) and nothing
+    holds the storage they had: fusing adds no memory (undo once kept the old weights, doubling
+    the q/k/v and gate/up weights while fused)."""
+    torch.manual_seed(0)
+    m = Attn(bias=True)
+    params = [t for p in (m.q_proj, m.k_proj, m.v_proj) for t in (p.weight, p.bias)]
+    old = {t.untyped_storage().data_ptr() for t in params}
+    undo = []
+    assert siblings.fuse(m, Report("Attn"), undo) == 1
+    now = [t for p in (m.q_proj, m.k_proj, m.v_proj) for t in (p.weight, p.bias)]
+    assert all(a is b for a, b in zip(now, params))                                # the same objects
+    assert not old & {t.untyped_storage().data_ptr() for t in now}
+    held = [v for fn in undo for v in (fn.__defaults__ or ()) + tuple(c.cell_contents for c in fn.__closure__ or ())
+            if isinstance(v, torch.Tensor)]
+    assert all(any(v is t for t in params) for v in held)       # undo names the module's own parameters only
+    for fn in reversed(undo):
+        fn()
+    assert all(a is b for a, b in zip([t for p in (m.q_proj, m.k_proj, m.v_proj) for t in (p.weight, p.bias)],
+                                      params))
+
+
 def test_one_row_keeps_the_separate_products():
     m, _, _, _ = _fused()
     calls = []

@@ -8,8 +8,9 @@ v as one (3072 x 2048) product take 6.4 us (benchmarks/RESULTS.md, issue 13, thi
 `fuse(model, report, undo)`: in every module holding a whole group of sibling projections
 (`GROUPS`) that are plain `nn.Linear`s reading the same features (same in_features, dtype and
 device, biases all present or all absent, no hooks), the weights are concatenated once into one
-matrix, and each projection's weight (and bias) becomes a view of its rows, so no memory is added
-and every value stays as it was. Each projection then gets a forward that, for an input it has
+matrix, and each projection's weight (and bias) becomes a view of its rows (the same Parameter
+objects, their data swapped, so their own storage is freed): no memory is added and every value
+stays as it was. Each projection then gets a forward that, for an input it has
 not seen, computes the whole group's product once and keeps it with its input on the group; a
 sibling called with that same input object (as attention and MLP forwards do) takes its slice;
 any other input runs the projection's own product. The kept product is dropped once every
@@ -117,19 +118,16 @@ def _fuse_group(parent: nn.Module, names: tuple, undo: list) -> None:
     for t in weights:
         rows.append((lo, lo + t.shape[0]))
         lo += t.shape[0]
-    for m, (r0, r1), wt, bt in zip(members, rows, weights, biases):
-        m.weight = nn.Parameter(w[r0:r1], requires_grad=wt.requires_grad)
+    for wt, bt, (r0, r1) in zip(weights, biases, rows):
+        # the same Parameter objects, now views of the fused matrix: their own storage is freed
+        wt.data = w[r0:r1]
         if bt is not None:
-            m.bias = nn.Parameter(b[r0:r1], requires_grad=bt.requires_grad)
+            bt.data = b[r0:r1]
 
-        def restore(m=m, wt=wt, bt=bt, r0=r0, r1=r1):
-            with torch.no_grad():                  # separate storage again, current values
-                wt.copy_(m.weight)
-                if bt is not None:
-                    bt.copy_(m.bias)
-            m.weight = wt
+        def restore(wt=wt, bt=bt):
+            wt.data = wt.data.clone()              # separate storage again, current values
             if bt is not None:
-                m.bias = bt
+                bt.data = bt.data.clone()
         undo.append(restore)
     group = _Group(w, b, rows, members)
     for i, m in enumerate(members):
