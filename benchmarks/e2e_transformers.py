@@ -12,7 +12,10 @@ Variants (the first five switched in place on one model):
                                     second model with the same weights (Liger can't be undone)
   sdpa+compile                      sdpa, then torch.compile(model) (default mode)
   layerzero+compile                 lz.patch(model), then torch.compile(model) (default mode)
-The two +compile variants each run in a process of their own (`--one NAME`, started by this one
+  layerzero-fused+compile           (only when named in --variants) as layerzero+compile, with q/k/v
+                                    and gate/up as one product each (`patching.siblings`, which
+                                    lz.generate's graphed steps use): does the fusion pay in prefill?
+The +compile variants each run in a process of their own (`--one NAME`, started by this one
 after the in-place variants are done and their models freed): one model switched between variants
 would share dynamo's caches and LayerZero's module swaps with the others. The child builds the same
 model (same seed, same weights) and prompt, patches and compiles it, times the first forward (the
@@ -75,8 +78,9 @@ SHAPES = {
 }
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=128, tokens=16, goal=None)
-COMPILED = ("sdpa+compile", "layerzero+compile")   # each in a process of its own
+COMPILED = ("sdpa+compile", "layerzero+compile", "layerzero-fused+compile")   # each in a process of its own
 VARIANTS = ("eager", "sdpa", "flex_attention", "layerzero-attn", "layerzero", "sdpa+liger") + COMPILED
+EXPERIMENTS = ("layerzero-fused+compile",)          # run only when named
 COMPILE_GOAL = 0.85   # t(layerzero+compile) / t(sdpa+compile)
 
 
@@ -130,9 +134,12 @@ def set_variant(model, name: str) -> str | None:
     """Put the model in variant `name`; returns why it can't run, or None. For "sdpa+liger" this
     applies Liger to `model` for good (the benchmark itself applies it to a second model)."""
     lz.unpatch(model)
-    if name == "layerzero":
+    if name in ("layerzero", "layerzero-fused"):
         model.set_attn_implementation("sdpa")
         lz.patch(model)
+        if name == "layerzero-fused":
+            from layerzero.generation import _fuse_siblings
+            _fuse_siblings(model)
     elif name == "layerzero-attn":
         model.set_attn_implementation("layerzero")
     elif name == "sdpa+liger":
@@ -429,13 +436,16 @@ def _run_shape(label: str, shape: dict, args, device: str, dtype, cuda: bool, sa
         goal = f" (goal <= {shape['goal']})" if shape["goal"] else ""
         print(f"  {label}: t(layerzero) / t({best}) = {res['ratio']:.3f}{goal}; "
               f"kernels: {lzv.get('kernels')}")
-    sc, lc = (res["variants"].get(n, {}) for n in COMPILED)
+    sc, lc, fc = (res["variants"].get(n, {}) for n in COMPILED)
     if "ms" in sc and "ms" in lc:
         res["compile_ratio"] = round(lc["ms"] / sc["ms"], 3)
         res["compile_goal"] = COMPILE_GOAL
         print(f"  {label}: t(layerzero+compile) / t(sdpa+compile) = {res['compile_ratio']:.3f} "
               f"(goal <= {COMPILE_GOAL}); compile {lc['compile_s']} s vs {sc['compile_s']} s; "
               f"kernels: {lc.get('kernels')}")
+    if "ms" in sc and "ms" in fc:
+        res["fused_compile_ratio"] = round(fc["ms"] / sc["ms"], 3)
+        print(f"  {label}: t(layerzero-fused+compile) / t(sdpa+compile) = {res['fused_compile_ratio']:.3f}")
     _report_recheck(label, recheck, strict=args.tiny)
     if args.tiny and "layerzero" in first_kernels:   # lz.patch really ran LayerZero's ops
         ops = {"attention", "rms_norm", "rope", "swiglu"}
@@ -494,14 +504,14 @@ def main(argv=None) -> dict:
         device, dtype = "cpu", torch.float32
         shapes = {"tiny": TINY}
         args.rounds, args.iters, args.warmup = args.rounds or 2, args.iters or 2, args.warmup or 1
-        args.variants = args.variants or [v for v in VARIANTS if v != "flex_attention"]
+        args.variants = args.variants or [v for v in VARIANTS if v != "flex_attention" and v not in EXPERIMENTS]
     else:
         if not torch.cuda.is_available():
             raise SystemExit("needs a CUDA GPU (use --tiny for a CPU smoke run)")
         device, dtype = "cuda", torch.bfloat16
         shapes = {k: SHAPES[k] for k in args.shapes}
         args.rounds, args.iters, args.warmup = args.rounds or 5, args.iters or 10, args.warmup or 5
-        args.variants = args.variants or list(VARIANTS)
+        args.variants = args.variants or [v for v in VARIANTS if v not in EXPERIMENTS]
     args.variants = list(dict.fromkeys(args.variants))
     print(f"e2e prefill on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
