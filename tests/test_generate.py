@@ -168,6 +168,26 @@ def test_kept_loops_go_with_the_model():
     assert [r() for r in dead] == [None, None]
 
 
+def test_a_kept_loop_is_built_again_when_the_weights_moved():
+    """A kept loop's graphs read the weights where they were at the capture: after lz.unpatch put
+    fused sibling weights back in storage of their own, or `param.data = ...`, the next call
+    builds a new loop instead of replaying the old one."""
+    _, model = _pair("llama")
+    model = copy.deepcopy(model)
+    ids, mask = _batch()
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    want = lz.generate(model, ids, attention_mask=mask, **gen)
+    (loop,) = lzgen._LOOPS[model].values()
+    lz.generate(model, ids, attention_mask=mask, **gen)
+    assert next(iter(lzgen._LOOPS[model].values())) is loop            # kept, reused
+    w = model.model.layers[0].self_attn.q_proj.weight
+    with torch.no_grad():
+        w.data = w.data.clone()                                         # same values, new place
+    assert torch.equal(lz.generate(model, ids, attention_mask=mask, **gen), want)
+    (again,) = lzgen._LOOPS[model].values()
+    assert again is not loop
+
+
 def test_sampling_runs_through_lz_sample():
     _, model = _pair("llama")
     ids, mask = _batch()

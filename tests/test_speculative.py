@@ -287,6 +287,14 @@ def test_a_graphed_loop_is_kept_for_the_next_call_of_its_shape(monkeypatch):
     assert learnt is not None and learnt.trials > 2
     speculative_generate(target, draft, ids[:, 1:], attention_mask=mask[:, 1:], eos_token_id=None, **gen)
     assert kept.schedule is learnt and len(built) == 4
+    # weights that moved (lz.unpatch of fused siblings, param.data = ...): the graphs would read the
+    # old place; the loop is built again
+    with torch.no_grad():
+        w = draft.model.layers[0].mlp.down_proj.weight
+        w.data = w.data.clone()
+    got = speculative_generate(target, draft, ids[:, 1:], attention_mask=mask[:, 1:], eos_token_id=None, **gen)
+    assert len(built) == 5 and built[-1] is not kept
+    assert torch.equal(got, target.generate(ids[:, 1:], attention_mask=mask[:, 1:], eos_token_id=None, **gen))
     # kept on the target (two: KEEP), holding the draft, and freed with them
     import gc
     import weakref

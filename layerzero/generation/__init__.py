@@ -23,7 +23,8 @@ protocol); a direct call goes through `model.generate` the same way. The loop th
   (`torch.compile(fullgraph=True)`: every kernel decision is made while tracing), captured as a
   CUDA graph per batch size and prompt+new length bucket, and replayed once per token. The graph
   stays with the model for the next call of the same size (`_LOOPS`, the last `KEEP` per model,
-  kept on the model itself: `kept`, so that it goes with the model).
+  kept on the model itself: `kept`, so that it goes with the model), and is built again when the
+  model's weights have moved since its capture (`kept.weights_key`: lz.unpatch, `param.data = ...`).
 - checks for stopping every `CHECK_EVERY` tokens through an asynchronous copy (no host sync per
   token), then cuts the result where transformers' loop would have stopped.
 
@@ -63,7 +64,7 @@ import torch
 
 from .loop import (CHECK_EVERY, COMPILE_OPTIONS, COMPILE_OPTIONS_BATCHED, GRAPH_FALLBACK,  # noqa: F401
                    PREFILL_BUCKET, PREFILL_FALLBACK, TRACE_FLAGS, TRACE_FLAGS_BATCHED, _Loop)
-from .kept import PerModel
+from .kept import PerModel, weights_key
 from .paged import _PagedLoop
 from .plan import _Plan, _check_options, _paged_cache, _refuse, called_by_generate
 
@@ -192,6 +193,11 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
     loops = _LOOPS.setdefault(model, {})
     key = (b, max_len, device, plan.key(), cache)   # a paged loop's graph names the cache's tensors
     loop = loops.pop(key, None)
+    weights = weights_key(model)
+    if loop is not None and loop.weights != weights:   # its graphs read weights that have moved
+        log.info("lz.generate: %s's weights moved since its decode loop was captured "
+                 "(lz.unpatch, param.data = ..., .to()); the loop is built again", type(model).__name__)
+        loop = None
     if loop is None:
         loop = (_Loop(model, b, max_len, plan, device) if cache is None
                 else _PagedLoop(model, b, max_len, plan, device, cache))
@@ -199,6 +205,7 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
             loops.pop(next(iter(loops)))
     else:  # same key, same step; the eager processors and criteria are this call's objects
         loop.plan.eager_processors, loop.plan.eager_criteria = plan.eager_processors, plan.eager_criteria
+    loop.weights = weights
     loops[key] = loop
     if pad is not None:
         loop.pad.fill_(int(pad))

@@ -2,8 +2,14 @@
 lz.speculative_generate's loops hold their model, its caches and CUDA graphs, so a table keyed
 weakly by the model would keep every model alive (its values reach the key). Kept in an attribute
 of the model instead, model -> loops -> model is a cycle the garbage collector frees with the
-model; copies and pickles of the model start with none."""
+model; copies and pickles of the model start with none.
+
+A kept loop's CUDA graphs read the models' weights where they were at the capture: `weights_key`
+says where that is, and a loop whose models' tensors have moved since is built again, not
+replayed (the old place may be freed and reused)."""
 from __future__ import annotations
+
+import itertools
 
 
 class Loops(dict):
@@ -40,3 +46,12 @@ class PerModel:
 
     def pop(self, model, default=None):
         return model.__dict__.pop(self.name, default)
+
+
+def weights_key(*models) -> tuple:
+    """Where every parameter and buffer of `models` lives: (data_ptr, shape) of each. It changes
+    when lz.unpatch puts fused sibling weights back in storage of their own, when a parameter's
+    data is replaced (`param.data = ...`, `load_state_dict(assign=True)`, `model.to(...)`), when
+    a buffer is re-registered; in-place writes keep it."""
+    return tuple((t.data_ptr(), tuple(t.shape)) for m in models if m is not None
+                 for t in itertools.chain(m.parameters(), m.buffers()))

@@ -23,7 +23,7 @@ import weakref
 import torch
 
 from .. import telemetry
-from ..generation.kept import PerModel
+from ..generation.kept import PerModel, weights_key
 
 log = logging.getLogger("layerzero")
 
@@ -59,12 +59,20 @@ def prepare(target, draft) -> None:
 
 
 def kept(target, draft, key: tuple):
-    """The StepGraphs kept for (target, draft, key) by `keep`, or None."""
-    entry = (_KEPT.get(target) or {}).get(key)
+    """The StepGraphs kept for (target, draft, key) by `keep`, or None (also when the models'
+    weights have moved since its graphs were captured: `kept.weights_key`; it is dropped)."""
+    loops = _KEPT.get(target) or {}
+    entry = loops.get(key)
     if entry is None:
         return None
     ref, steps = entry
     if (ref() if ref is not None else None) is not draft:
+        return None
+    if steps.weights != weights_key(target, draft):
+        log.info("lz.speculative_generate: the weights of %s moved since its graphed loop was "
+                 "captured (lz.unpatch, param.data = ..., .to()); the loop is built again",
+                 type(target).__name__)
+        loops.pop(key, None)
         return None
     return steps
 
@@ -82,6 +90,7 @@ class StepGraphs:
 
     def __init__(self, loop, runners):
         self.loop, self.runners = loop, runners
+        self.weights = weights_key(*(r.model for r in runners))   # where the graphs read them
         self.graphs: dict = {}          # k -> (graph, the step's returned tensor, forwards per runner)
         self.pool = None
         self.failed = not loop.tok.is_cuda     # (FIXED_ON_CPU: eager steps)
