@@ -7,7 +7,8 @@ capture) and steady tok/s. A diagnosis helper; benchmarks/e2e_generate.py is the
 
 The tiny part also checks the graphed prefill: the 7-token prompts are left-padded to 64 and
 captured; a second generate with 5-token prompts (same bucket) reuses that graph; its replay
-runs under sync debug "error" (a sync inside would raise).
+runs under sync debug "error" (a sync inside would raise). Then lz.unpatch and the first call
+again: a new loop (the weights moved), the same tokens.
 """
 import copy
 import json
@@ -89,7 +90,13 @@ for entry in loop.prefill_graphs.values():
         except RuntimeError as e:
             prefill_sync_ok = f"{type(e).__name__}: {e}"
         torch.cuda.set_sync_debug_mode(0)
+# lz.unpatch puts the fused sibling weights back in storage of their own: the next call must build
+# a new loop, not replay graphs that read the freed fused matrix
+lz.unpatch(m)
+got4 = lz.generate(m, ids, attention_mask=mask, eos_token_id=eos, **gen)
+rebuilt = all(lp is not loop for lp in generation._LOOPS[m].values())
 out["tiny"] = {"same_tokens": bool(torch.equal(got, want)) and bool(torch.equal(got2, want)),
+               "after_unpatch": {"same_tokens": bool(torch.equal(got4, want)), "new_loop": rebuilt},
                "shape": list(want.shape), "replays_second_call": len(replays) - 3,
                "no_sync_in_replay": sync_ok, "prefill_graphs": pf,
                "shorter_prompt_same_tokens": bool(torch.equal(got3, want3)),

@@ -2,7 +2,8 @@
 noisy copy as draft (and prompt lookup), batch 1 and a left-padded batch of 3 with EOS, greedy:
 tokens vs target.generate, and whether the steps were captured (no fallback counted: a host
 sync or an allocation the capture refuses inside a step would raise there) and replayed; then the
-same call twice more: the kept loop replays every step of the third.
+same call twice more: the kept loop replays every step of the third; then lz.unpatch and the
+call again: a new loop (the weights moved), the same tokens.
 
     PYTHONPATH=$PWD python3 scripts/speculative_gpu_smoke.py
 """
@@ -69,6 +70,17 @@ result["kept_loop"] = {"same": bool(torch.equal(again, again2)), "replayed_steps
                        "steps": len(replays)}
 ok &= result["kept_loop"]["same"] and sum(replays) == len(replays)
 print("kept loop", result["kept_loop"], flush=True)
+# lz.unpatch puts the fused sibling weights back in storage of their own: the kept loop is built
+# again (its graphs read the old place), with the same tokens
+before = list(graphs._KEPT[target].values())[-1][1]     # the kept loop of the last two calls
+lz.unpatch(target)
+lz.unpatch(draft)
+again3 = lz.speculative_generate(target, draft, ids[:3], attention_mask=mask[:3], eos_token_id=None,
+                                 draft_schedule="heuristic", **gen)
+result["after_unpatch"] = {"same": bool(torch.equal(again3, again2)),
+                           "new_loop": all(s is not before for _, s in graphs._KEPT[target].values())}
+ok &= all(result["after_unpatch"].values())
+print("after unpatch", result["after_unpatch"], flush=True)
 fallbacks = lz.metrics()["fallbacks"]
 result["fallbacks"] = {k: v for k, v in fallbacks.items() if "speculative" in str(k)}
 ok &= not result["fallbacks"] and all(r["replayed_steps"] for r in result.values() if isinstance(r, dict) and "steps" in r)
