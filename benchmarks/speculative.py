@@ -22,7 +22,8 @@ Part 2, the 1B-shaped llama of benchmarks/e2e_transformers.py (hidden 2048, 16 l
 intermediate 8192, vocab 128256; random weights, sdpa) with `OracleDraft`, a synthetic draft whose
 acceptance is set: it proposes the target's greedy token (read off the plain greedy output of the
 same prompts) with probability alpha, else a uniformly random token, at the cost of a forward of
---draft-layers llama layers of the target's width (no output projection). Prompts of --prompt
+--draft-layers llama layers of the target's width (MLP width --draft-intermediate, default the
+target's; no output projection). Prompts of --prompt
 random tokens; alpha in --alphas (0.5 0.8 0.95), batch 1 and 8; variants plain, lz-generate
 (lz.generate(target): plain greedy, compiled and CUDA-graphed, LayerZero without a draft) and lz
 (graphed). --dtype-1b, default --dtype (float32): random weights give near-ties in the logits, and in
@@ -88,12 +89,15 @@ class OracleDraft(torch.nn.Module):
     indices), else a uniformly random token. Its cost is a real forward of `layers` llama decoder
     layers of the target's shape with a cache; the logits are one-hot (no output projection)."""
 
-    def __init__(self, target, oracle: torch.Tensor, alpha: float, layers: int = 1, seed: int = 0):
+    def __init__(self, target, oracle: torch.Tensor, alpha: float, layers: int = 1, seed: int = 0,
+                 intermediate: int | None = None):
         super().__init__()
         import transformers as T
 
         cfg = copy.deepcopy(target.config)
         cfg.num_hidden_layers = layers
+        if intermediate:
+            cfg.intermediate_size = intermediate
         p = next(target.parameters())
         torch.manual_seed(seed)
         with torch.device(p.device):
@@ -248,7 +252,7 @@ def part_1b(args, device, dtype) -> dict:
     dtype = getattr(torch, args.dtype_1b) if args.dtype_1b else dtype
     shape = E.TINY if args.tiny else E.SHAPES["1b"]
     target = E.build(shape, device, dtype)
-    res = {"model": "tiny" if args.tiny else "1b", "draft_layers": args.draft_layers, "rows": [],
+    res = {"model": "tiny" if args.tiny else "1b", "draft_layers": args.draft_layers, "draft_intermediate": args.draft_intermediate, "rows": [],
            "shape": {k: v for k, v in shape.items() if k not in ("tokens", "goal")}}
     print(f"\n{res['model']} llama target (random weights, sdpa, {dtype}), synthetic draft of "
           f"{args.draft_layers} layer(s); prompt {args.prompt} random tokens, {args.new} new tokens", flush=True)
@@ -270,12 +274,12 @@ def part_1b(args, device, dtype) -> dict:
             res["rows"].append(row)
             print(fmt(row, plain_tps), flush=True)
         if batch == args.batch[0]:
-            probe = OracleDraft(target, oracle, 1.0, args.draft_layers)
+            probe = OracleDraft(target, oracle, 1.0, args.draft_layers, intermediate=args.draft_intermediate)
             res["draft_cost_ratio"] = round(cost_ratio(target, probe, ids, device), 4)
             print(f"  draft / target forward time (one token, cached): {res['draft_cost_ratio']:.3f}", flush=True)
             del probe
         for alpha in args.alphas:
-            draft = OracleDraft(target, oracle, alpha, args.draft_layers)
+            draft = OracleDraft(target, oracle, alpha, args.draft_layers, intermediate=args.draft_intermediate)
 
             def spec(st, draft=draft):
                 return speculative_generate(target, draft, ids, num_draft_tokens=args.k, stats=st, **gen)
@@ -363,6 +367,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=4, help="num_draft_tokens (the first step's; the schedule adapts it)")
     ap.add_argument("--alphas", nargs="+", type=float, default=[0.5, 0.8, 0.95])
     ap.add_argument("--draft-layers", type=int, default=1)
+    ap.add_argument("--draft-intermediate", type=int, default=None,
+                    help="the 1B part's draft: MLP width of its layers (default: the target's)")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per variant (default 3; --tiny 1)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="default float32 (see the docstring)")
