@@ -579,5 +579,5 @@ def test_benchmark_tiny_smoke(tmp_path):
     assert all(r["same"] == r["batch"] for r in res["pair"]["rows"] + res["1b"]["rows"] if "same" in r)
     assert set(res["goals"]) == {"pair_vs_assisted_b1", "1b_alpha0.8_b1", "1b_draft_cost"}
     alpha8 = res["1b"]["rows"][2]
-    assert set(alpha8["loop_cost"]["step_s"]) == {"1", "8"} and alpha8["draft_cost"] > 0
+    assert set(alpha8["loop_cost"]["step_s"]) == {"1", "8"} and alpha8["loop_cost"]["draft_cost"] > 0
     assert res["pair"]["meta"]["tiny"] is True and res["pair"]["meta"]["target"]["steps"] == 30
