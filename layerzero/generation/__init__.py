@@ -64,7 +64,7 @@ import torch
 
 from .loop import (CHECK_EVERY, COMPILE_OPTIONS, COMPILE_OPTIONS_BATCHED, GRAPH_FALLBACK,  # noqa: F401
                    PREFILL_BUCKET, PREFILL_FALLBACK, TRACE_FLAGS, TRACE_FLAGS_BATCHED, _Loop)
-from .kept import PerModel, weights_key
+from .kept import PerModel, moved, weights_key
 from .paged import _PagedLoop
 from .plan import _Plan, _check_options, _paged_cache, _refuse, called_by_generate
 
@@ -194,10 +194,8 @@ def _run(model, input_ids, processors, criteria, cfg, streamer, prompt_streamed,
     key = (b, max_len, device, plan.key(), cache)   # a paged loop's graph names the cache's tensors
     loop = loops.pop(key, None)
     weights = weights_key(model)
-    if loop is not None and loop.weights != weights:   # its graphs read weights that have moved
-        log.info("lz.generate: %s's weights moved since its decode loop was captured "
-                 "(lz.unpatch, param.data = ..., .to()); the loop is built again", type(model).__name__)
-        loop = None
+    if loop is not None and moved(loop.weights, weights, "lz.generate", model):
+        loop = None                                      # its graphs read the old place
     if loop is None:
         loop = (_Loop(model, b, max_len, plan, device) if cache is None
                 else _PagedLoop(model, b, max_len, plan, device, cache))

@@ -10,6 +10,9 @@ replayed (the old place may be freed and reused)."""
 from __future__ import annotations
 
 import itertools
+import logging
+
+log = logging.getLogger("layerzero")
 
 
 class Loops(dict):
@@ -55,3 +58,13 @@ def weights_key(*models) -> tuple:
     a buffer is re-registered; in-place writes keep it."""
     return tuple((t.data_ptr(), tuple(t.shape)) for m in models if m is not None
                  for t in itertools.chain(m.parameters(), m.buffers()))
+
+
+def moved(captured: tuple, now: tuple, who: str, model) -> bool:
+    """Have the weights moved since the `weights_key` `captured` (now `now`)? Logged when they
+    have: the caller builds its loop again."""
+    if captured == now:
+        return False
+    log.info("%s: the weights of %s moved since its decode loop was captured (lz.unpatch, "
+             "param.data = ..., .to()); the loop is built again", who, type(model).__name__)
+    return True

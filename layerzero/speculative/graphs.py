@@ -23,7 +23,7 @@ import weakref
 import torch
 
 from .. import telemetry
-from ..generation.kept import PerModel, weights_key
+from ..generation.kept import PerModel, moved, weights_key
 
 log = logging.getLogger("layerzero")
 
@@ -68,10 +68,7 @@ def kept(target, draft, key: tuple):
     ref, steps = entry
     if (ref() if ref is not None else None) is not draft:
         return None
-    if steps.weights != weights_key(target, draft):
-        log.info("lz.speculative_generate: the weights of %s moved since its graphed loop was "
-                 "captured (lz.unpatch, param.data = ..., .to()); the loop is built again",
-                 type(target).__name__)
+    if moved(steps.weights, weights_key(target, draft), "lz.speculative_generate", target):
         loops.pop(key, None)
         return None
     return steps

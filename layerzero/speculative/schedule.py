@@ -100,8 +100,7 @@ class Schedule:
         clearly better."""
         alpha, cost = self.alpha, self.cost()
         best = best_k(alpha, cost, self.kmax)
-        ran = [k for k in self.times if 1 <= k <= self.kmax]
-        if best in self.times or len(ran) < 2:
+        if best in self.times or len(self.times) < 2:     # (times: the k in 1..kmax that ran)
             return best
-        known = best_k(alpha, cost, self.kmax, among=ran)
+        known = best_k(alpha, cost, self.kmax, among=self.times)
         return best if value(alpha, cost, best) > self.new_k_gain * value(alpha, cost, known) else known
