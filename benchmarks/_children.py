@@ -73,19 +73,19 @@ def variant_results(cmds: dict, parallel: bool, result: dict, errors: list, widt
         yield name, res
 
 
-def first_difference(ref, tokens) -> int | None:
-    """The first new-token index where two (rows, new tokens) lists of greedy tokens part, or None."""
+def compare_tokens(row: dict, base: str, ref, tokens) -> str | None:
+    """Record in `row` how its greedy tokens (rows, new tokens) compare with `base`'s `ref`:
+    same_tokens_as_<base>, first_differing_new_token (or None), differing_rows. Returns the
+    mismatch's description, or None when they are the same."""
     import torch
 
-    differ = (torch.tensor(ref) != torch.tensor(tokens)).nonzero()
-    return int(differ[:, 1].min()) if len(differ) else None
-
-
-def differing_rows(ref, tokens) -> list:
-    """The rows of two (rows, new tokens) lists of greedy tokens that differ anywhere."""
-    import torch
-
-    return (torch.tensor(ref) != torch.tensor(tokens)).any(1).nonzero()[:, 0].tolist()
+    differ = torch.tensor(ref) != torch.tensor(tokens)
+    cols = differ.nonzero()[:, 1]
+    first = int(cols.min()) if len(cols) else None
+    row["same_tokens_as_" + base] = first is None
+    row["first_differing_new_token"] = first
+    row["differing_rows"] = differ.any(1).nonzero()[:, 0].tolist()
+    return None if first is None else f"from new token {first}, rows {row['differing_rows']}"
 
 
 def finish(result: dict, json_path: str, errors: list, tiny: bool, mismatches: list, base: str) -> dict:

@@ -64,7 +64,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_transformers as E  # noqa: E402
-from _children import differing_rows, finish, first_difference, variant_results  # noqa: E402
+from _children import compare_tokens, finish, variant_results  # noqa: E402
 
 import layerzero as lz  # noqa: E402
 
@@ -300,12 +300,9 @@ def main(argv=None) -> dict:
     for r in result["rows"]:
         k = key(r["batch"], r["prompt"], r["new_tokens"])
         if ("sdpa", k) in tokens:
-            first = first_difference(tokens["sdpa", k], tokens[r["variant"], k])
-            r["same_tokens_as_sdpa"] = first is None
-            r["first_differing_new_token"] = first
-            r["differing_rows"] = differing_rows(tokens["sdpa", k], tokens[r["variant"], k])
-            if first is not None:
-                mismatches.append(f"{r['variant']} {k} (from new token {r['first_differing_new_token']}, rows {r['differing_rows']})")
+            why = compare_tokens(r, "sdpa", tokens["sdpa", k], tokens[r["variant"], k])
+            if why:
+                mismatches.append(f"{r['variant']} {k} ({why})")
     configs = [key(b, p, n) for p, n in args.shapes for b in args.batch]
     by = {(r["variant"], key(r["batch"], r["prompt"], r["new_tokens"])): r for r in result["rows"]}
     ran = [v for v in args.variants if result["variants"].get(v, {}).get("status") == "ok"]

@@ -55,7 +55,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2e_generate as G  # noqa: E402
 import e2e_transformers as E  # noqa: E402
-from _children import differing_rows, finish, first_difference, variant_results  # noqa: E402
+from _children import compare_tokens, finish, variant_results  # noqa: E402
 
 import layerzero as lz  # noqa: E402
 
@@ -242,12 +242,9 @@ def main(argv=None) -> dict:
     mismatches = []
     for r in result["rows"]:
         if BASE in tokens:
-            first = first_difference(tokens[BASE], tokens[r["variant"]])
-            r["same_tokens_as_" + BASE] = first is None
-            r["first_differing_new_token"] = first
-            r["differing_rows"] = differing_rows(tokens[BASE], tokens[r["variant"]])
-            if first is not None:
-                mismatches.append(f"{r['variant']} (from new token {r['first_differing_new_token']}, rows {r['differing_rows']})")
+            why = compare_tokens(r, BASE, tokens[BASE], tokens[r["variant"]])
+            if why:
+                mismatches.append(f"{r['variant']} ({why})")
         if BASE in by:
             r["ratio_vs_" + BASE] = round(r["tok_per_s"] / by[BASE]["tok_per_s"], 3)
     if "lz-paged" in by:
