@@ -231,22 +231,42 @@ def test_fixed_addressing_of_the_graphed_steps_gives_the_targets_greedy(family, 
     target, draft = _pair(family)
     if drafter == "lookup":
         draft = None
+    addresses = []
+    real_step = spec_graphs.StepGraphs.step
+
+    def step(self, k):     # what a graph reads must stay where it was captured: no buffer moves
+        addresses.append(_buffers(self.loop))
+        return real_step(self, k)
+
+    monkeypatch.setattr(spec_graphs.StepGraphs, "step", step)
     for rows in (1, 3):
         ids, mask, eos, gen, want = _greedy_case(target, rows, 14)
         runs = []
         for fixed in (False, True):
+            addresses.clear()
             monkeypatch.setattr(spec_graphs, "FIXED_ON_CPU", fixed)
             stats = SpeculativeStats()
             got = speculative_generate(target, draft, ids, attention_mask=mask, eos_token_id=eos, stats=stats,
                                        draft_schedule="heuristic", **({"prompt_lookup": 2} if draft is None else {}),
                                        **gen)
             assert torch.equal(got, want), (family, drafter, rows, fixed)
+            assert fixed == bool(addresses) and all(a == addresses[0] for a in addresses), (family, drafter, rows)
             runs.append(stats)
         prefill = int(draft is not None)      # fixed addressing feeds the draft the prompt first
         assert runs[1].draft_forwards == runs[0].draft_forwards + prefill
         runs[1].draft_forwards -= prefill
         assert runs[0] == runs[1]
         assert len(set(runs[1].draft_lengths)) > 1, runs[1].draft_lengths
+
+
+def _buffers(loop) -> dict:
+    """Where each tensor of the loop and of its draft (its lookup candidates) lives."""
+    found = {}
+    for owner, obj in (("loop", loop), ("draft", loop.draft)):
+        for name, value in vars(obj).items():
+            if isinstance(value, torch.Tensor):
+                found[f"{owner}.{name}"] = (value.data_ptr(), tuple(value.shape))
+    return found
 
 
 def test_a_graphed_loop_is_kept_for_the_next_call_of_its_shape(monkeypatch):

@@ -179,8 +179,10 @@ class LookupDraft:
         """Find each row's k candidates (kept for `propose`); the most any row has from a match
         (the host reads it: a step with no match anywhere verifies the pending token alone)."""
         drafts, found = self.candidates(loop, k)
-        if self.drafts is None or self.drafts.shape[1] < k:
-            self.drafts = torch.zeros_like(drafts)
+        if self.drafts is None or self.drafts.shape[0] != drafts.shape[0]:
+            # kmax wide from the start: a graph captured for a smaller k keeps reading this buffer
+            # (one allocated again for a larger k would leave it reading freed memory)
+            self.drafts = torch.zeros(drafts.shape[0], loop.kmax, dtype=drafts.dtype, device=drafts.device)
         self.drafts[:, :k].copy_(drafts)
         return int(found.max())
 
@@ -237,6 +239,7 @@ class Loop:
         z = dict(device=dev, dtype=torch.long)
         self.prompt_len = n
         self.Ld = torch.full((), n, **z)     # L on the device (fixed addressing)
+        self.kmax = kmax
         self.ar = torch.arange(kmax + 2, **z)
         # columns [0, cap) reach the caches; one more holds the last pending token (never fed)
         self.tok = torch.zeros(b, cap + 1, **z)
