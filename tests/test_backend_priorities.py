@@ -102,6 +102,22 @@ def test_feature_calls_prefer_flex_over_sdpa_with_a_materialised_mask(monkeypatc
     assert scores["torch.flex"] > scores["torch.sdpa_cudnn"] > scores["torch.sdpa"]
 
 
+def test_float32_masked_calls_go_to_the_efficient_kernel_not_flex(monkeypatch):
+    """flex runs float32 products without tensor cores: a speculative verify step (8 rows x 2
+    queries over 392 masked keys) took 2.0 ms a call on the H200; SDPA's efficient kernel takes
+    the mask. A call only flex can run (softcap) still goes to flex."""
+    pretend_available(monkeypatch)
+    kernels = registry.op_kernels("attention")
+    verify = attn(b=8, hq=32, hk=8, sq=2, sk=392, d=64, dtype=torch.float32, mask="bool")
+    assert select(verify, kernels, Policy()).chosen == "xformers.mea"        # the same CUTLASS kernel
+    no_xformers = from_dict({"deny": [{"kernel": "xformers.*"}]})
+    assert select(verify, kernels, no_xformers).chosen == "torch.sdpa_efficient"
+    assert select(verify._replace(dtype=torch.bfloat16), kernels, Policy()).chosen == "torch.flex"
+    soft = attn(b=1, hq=8, hk=8, sq=512, sk=512, d=64, dtype=torch.float32, softcap=30.0)
+    d = select(soft, kernels, from_dict({"deny": [{"kernel": "flash_attn.*"}, {"kernel": "flashinfer.*"}]}))
+    assert d.chosen == "torch.flex", str(d)
+
+
 def test_cpu_priorities_unchanged():
     spec = CallSpec("attention", "cpu", 0, torch.float32, 1, 2, 2, 4, 4, 8, 8)
     got = {k.id: (k.priority(spec) if callable(k.priority) else k.priority)

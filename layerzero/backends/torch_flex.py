@@ -239,11 +239,22 @@ def supports(spec) -> list[str]:
 CPU_MIN_SCORES = 512 * 512   # on the CPU, below this many scores per head a compile never pays off
 
 
+# float32 on CUDA: flex's Triton products run in IEEE fp32 (no tensor cores). H200, torch 2.11,
+# lz.speculative_generate's verify (8 rows x 2 queries over 392 masked keys, GQA 32/8, d64):
+# 2.0 ms a call, where SDPA's efficient kernel took its mask at tens of microseconds
+# (benchmarks/results/speculative_step_profile_h200.txt). Below SDPA's efficient and cuDNN
+# kernels (27, 28 for such calls), above its math kernel (20), which materialises the scores.
+CUDA_FP32 = 24
+
+
 def priority(spec) -> int:
     """30 (ahead of SDPA with a materialised mask and of the reference); on the CPU, calls too
-    small to repay a compile (seconds per configuration) go below the reference."""
+    small to repay a compile (seconds per configuration) go below the reference; float32 CUDA
+    calls go below SDPA's efficient kernel (CUDA_FP32)."""
     if spec.device == "cpu" and spec.seq_len_q * spec.seq_len_k < CPU_MIN_SCORES:
         return -10
+    if spec.device == "cuda" and spec.dtype == torch.float32:
+        return CUDA_FP32
     return 30
 
 
