@@ -32,10 +32,12 @@ token at a time) within a few tokens; past that point the oracle is stale and ac
 far below alpha (H200, bf16: 0.04-0.15 measured at alpha 0.5-0.95). In fp32 both agree; the
 measured acceptance is printed next to alpha, and so is the acceptance schedule's estimate of the
 draft's cost (`SpeculativeStats.draft_cost`). The measure for the issue's "draft costing <= 1/10
-of the target" is `loop_draft_cost` (alpha 0.8, batch 1): graphed steps at constant k = 1 and 8,
-a draft token's step time over the rest of the step (JSON: loop_cost). The eager draft/target cost
-ratio (one-token forwards with a cache, eager, median of 20: host-bound, so it overstates what
-the draft costs in the graphed loop) is measured and printed too.
+of the target" is `graphed_cost_ratio` (batch 1): a one-token forward of each model with a filled
+static cache, patched and fused as the loop runs them, replayed from a CUDA graph: draft / target
+(JSON: draft_cost_graphed). Printed beside it: the eager ratio of the same forwards (host-bound;
+JSON: draft_cost_ratio) and `loop_draft_cost` (alpha 0.8): graphed steps at constant k = 1 and 8,
+a further k's step time over the rest of the step (JSON: loop_cost), which adds to the draft's
+forward the verify's extra column and the step's per-token bookkeeping.
 
 Timing: the first WARMUPS (2) calls of each variant and config are warm-ups (compiling,
 capturing: the acceptance schedule carries its estimates from call to call, so the second call
@@ -45,8 +47,8 @@ batch * new / seconds; speedup = tok/s / tok/s(plain) of the same config. Accept
 tokens per target forward come from SpeculativeStats; `same` counts rows whose tokens equal plain
 greedy's. Goals printed at the end: trained pair lz >= 1.5x assisted (batch 1); 1B lz >= 2x
 plain at alpha 0.8 batch 1; 1B lz > 1x plain at alpha 0.8 batch 8 (plain: transformers' eager
-greedy; lz-generate's ratio is printed beside it); the 1B draft's measured cost <= 0.1 (alpha 0.8,
-batch 1). Writes --json.
+greedy; lz-generate's ratio is printed beside it); the 1B draft's forward <= 0.1 of the target's
+(graphed, batch 1). Writes --json.
 
     PYTHONPATH=$PWD python benchmarks/speculative.py --train --json $OUT/speculative.json
 --tiny: CPU, fp32, a pair trained by `train_draft_pair.py --tiny` into a temporary directory, the
@@ -78,7 +80,7 @@ from layerzero.speculative import SpeculativeStats, speculative_generate  # noqa
 from layerzero.speculative import graphs as spec_graphs  # noqa: E402
 
 # name -> (comparison, bound); 1b_draft_cost is the issue's premise for the 1B goals (a draft costing
-# <= 1/10 of the target), as the acceptance schedule measured it in the graphed loop (alpha 0.8, batch 1)
+# <= 1/10 of the target): one-token forwards replayed from CUDA graphs as the loop runs them, draft / target
 GOALS = {"pair_vs_assisted_b1": (">=", 1.5), "1b_alpha0.8_b1": (">=", 2.0), "1b_alpha0.8_b8": (">", 1.0),
          "1b_draft_cost": ("<=", 0.1)}
 _MET = {">=": lambda v, g: v >= g, ">": lambda v, g: v > g, "<=": lambda v, g: v <= g}
@@ -277,7 +279,14 @@ def part_1b(args, device, dtype) -> dict:
         if batch == args.batch[0]:
             probe = OracleDraft(target, oracle, 1.0, args.draft_layers, intermediate=args.draft_intermediate)
             res["draft_cost_ratio"] = round(cost_ratio(target, probe, ids, device), 4)
-            print(f"  draft / target forward time (one token, cached): {res['draft_cost_ratio']:.3f}", flush=True)
+            print(f"  draft / target forward time (one token, cached, eager): {res['draft_cost_ratio']:.3f}", flush=True)
+            try:
+                res["draft_cost_graphed"] = round(graphed_cost_ratio(target, probe, ids, device), 4)
+                print(f"  draft / target forward time (one token, cached, CUDA graph on CUDA, patched as in the loop): "
+                      f"{res['draft_cost_graphed']:.3f}", flush=True)
+            except Exception as exc:  # noqa: BLE001 - recorded; the goal then reads as not met
+                res["draft_cost_graphed_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                print(f"  graphed draft / target cost: {res['draft_cost_graphed_error']}", flush=True)
             del probe
         for alpha in args.alphas:
             draft = OracleDraft(target, oracle, alpha, args.draft_layers, intermediate=args.draft_intermediate)
@@ -324,6 +333,53 @@ def cost_ratio(target, draft, ids, device, n: int = 20) -> float:
 
 
 @torch.no_grad()
+def graphed_cost_ratio(target, draft, ids, device, n: int = 30) -> float:
+    """Time of a one-token forward with a filled static cache, as the graphed loop runs it (the
+    models lz.patch-ed and their sibling projections fused by `graphs.prepare`, a full-length
+    mask, replayed from a CUDA graph; eager on the CPU): draft / target. lz.unpatch after."""
+    from transformers.cache_utils import StaticCache
+
+    spec_graphs.prepare(target, draft)
+    b, p = ids.shape
+    cap = p + n + 16
+
+    def per_token(model):
+        cache = StaticCache(config=model.config, max_cache_len=cap)
+        mask = torch.ones(b, cap, dtype=torch.long, device=ids.device)
+        model(input_ids=ids, attention_mask=mask[:, :p], cache=cache, use_cache=True, logits_to_keep=1)
+        kw = dict(input_ids=ids[:, -1:].clone(), position_ids=torch.full((b, 1), p, device=ids.device),
+                  attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
+        if device != "cuda":
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                model(**kw)
+            return (time.perf_counter() - t0) / n
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model(**kw)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(**kw)
+        graph.replay()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            graph.replay()
+        sync(device)
+        return (time.perf_counter() - t0) / n
+
+    try:
+        return per_token(draft) / per_token(target)
+    finally:
+        lz.unpatch(draft)
+        lz.unpatch(target)
+
+
+@torch.no_grad()
 def loop_draft_cost(target, draft, ids, gen, ks=(1, 8)) -> dict:
     """The draft's cost where it runs, in the loop's graphed steps: the median host time of a step
     at constant k for each k in `ks` (two calls each, the first captures; a call's steps of that
@@ -348,11 +404,11 @@ def goals(result: dict) -> dict:
     pair = {(r["variant"], r["batch"]): r for r in result["pair"]["rows"]}
     if ("lz", 1) in pair and ("assisted", 1) in pair:
         out["pair_vs_assisted_b1"] = round(pair["lz", 1]["tok_per_s"] / pair["assisted", 1]["tok_per_s"], 3)
+    if "draft_cost_graphed" in result["1b"]:
+        out["1b_draft_cost"] = result["1b"]["draft_cost_graphed"]
     for r in result["1b"]["rows"]:
         if r.get("alpha") == 0.8:
             out[f"1b_alpha0.8_b{r['batch']}"] = r["speedup"]
-            if r["batch"] == 1 and "loop_cost" in r:
-                out["1b_draft_cost"] = r["loop_cost"]["draft_cost"]
     return {k: {"value": v, "goal": GOALS[k][1], "cmp": GOALS[k][0], "met": _MET[GOALS[k][0]](v, GOALS[k][1])}
             for k, v in out.items() if k in GOALS}
 
