@@ -131,11 +131,17 @@ def _is_pipeline(obj) -> bool:
 
 
 def unpatch(model) -> None:
-    """Restore everything `lz.patch` changed on `model` (no-op for an unpatched model)."""
+    """Restore everything `lz.patch` changed on `model` (no-op for an unpatched model), and drop
+    the decode loops lz.generate and lz.speculative_generate kept on it (their static caches and
+    CUDA graphs: memory the next call would otherwise have to find stale first)."""
     model = _unwrap(model)
     if not isinstance(model, nn.Module) and model not in records and not _is_pipeline(model):
         raise TypeError(f"lz.unpatch takes a model or diffusers pipeline (what lz.patch takes), "
                         f"got {type(model).__name__}")
+    from .generation.kept import drop    # (the generation loops sit above patching)
+
+    if drop(model):
+        log.info("lz.unpatch dropped the decode loops kept on %s", type(model).__name__)
     rec = records.pop(model, None)
     if rec is None:
         return

@@ -90,8 +90,8 @@ for entry in loop.prefill_graphs.values():
         except RuntimeError as e:
             prefill_sync_ok = f"{type(e).__name__}: {e}"
         torch.cuda.set_sync_debug_mode(0)
-# lz.unpatch puts the fused sibling weights back in storage of their own: the next call must build
-# a new loop, not replay graphs that read the freed fused matrix
+# lz.unpatch drops the kept loops and puts the fused sibling weights back in storage of their own:
+# the next call builds a new loop (graphs of the old one would read the freed fused matrix)
 lz.unpatch(m)
 got4 = lz.generate(m, ids, attention_mask=mask, eos_token_id=eos, **gen)
 rebuilt = all(lp is not loop for lp in generation._LOOPS[m].values())

@@ -70,8 +70,8 @@ result["kept_loop"] = {"same": bool(torch.equal(again, again2)), "replayed_steps
                        "steps": len(replays)}
 ok &= result["kept_loop"]["same"] and sum(replays) == len(replays)
 print("kept loop", result["kept_loop"], flush=True)
-# lz.unpatch puts the fused sibling weights back in storage of their own: the kept loop is built
-# again (its graphs read the old place), with the same tokens
+# lz.unpatch drops the kept loops and puts the fused sibling weights back in storage of their own:
+# a new loop is built, with the same tokens
 before = list(graphs._KEPT[target].values())[-1][1]     # the kept loop of the last two calls
 lz.unpatch(target)
 lz.unpatch(draft)

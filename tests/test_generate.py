@@ -299,3 +299,30 @@ def test_traced_greedy_sampling_takes_the_first_maximum_in_two_stages():
     got = traced(logits)
     assert torch.equal(got, logits.argmax(dim=-1))
     assert got.tolist()[1:] == [7, v - 1, 0]
+
+
+def test_unpatch_drops_the_kept_loops(monkeypatch):
+    """lz.unpatch(model) also forgets the decode loops lz.generate and lz.speculative_generate
+    kept on it (their caches and graphs): nothing holds them afterwards, and the next call builds
+    a new loop with the same tokens."""
+    import gc
+    import weakref
+
+    from layerzero.speculative import graphs as spec_graphs
+
+    monkeypatch.setattr(spec_graphs, "FIXED_ON_CPU", True)
+    _, model = _pair("llama")
+    model = copy.deepcopy(model)
+    ids, mask = _batch()
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    want = lz.generate(model, ids, attention_mask=mask, **gen)
+    lz.speculative_generate(model, None, ids, attention_mask=mask, prompt_lookup=2, **gen)
+    held = [weakref.ref(next(iter(lzgen._LOOPS[model].values()))),
+            weakref.ref(next(iter(spec_graphs._KEPT[model].values()))[1])]
+    lz.unpatch(model)
+    gc.collect()
+    assert lzgen._LOOPS.get(model) is None and spec_graphs._KEPT.get(model) is None
+    assert [r() for r in held] == [None, None]
+    assert torch.equal(lz.generate(model, ids, attention_mask=mask, **gen), want)
+    lz.unpatch(model)          # a model lz.generate patched and ran again: dropped again, no error
+    assert lzgen._LOOPS.get(model) is None

@@ -25,12 +25,26 @@ class Loops(dict):
         return (Loops, ())
 
 
+NAMES: list[str] = []      # the attributes every PerModel keeps its loops in (`drop`)
+
+
+def drop(model) -> bool:
+    """Forget every decode loop kept on `model` (lz.generate's and lz.speculative_generate's:
+    their caches, buffers and CUDA graphs' memory go once nothing else holds them). True when
+    there were any."""
+    found = False
+    for name in NAMES:
+        found |= bool(model.__dict__.pop(name, None))
+    return found
+
+
 class PerModel:
     """{model: Loops} kept as the attribute `name` of each model (dict-like: setdefault, get,
     [], pop)."""
 
     def __init__(self, name: str):
         self.name = name
+        NAMES.append(name)
 
     def get(self, model, default=None):
         return model.__dict__.get(self.name, default)
