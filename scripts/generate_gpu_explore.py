@@ -11,7 +11,9 @@ the default for larger batches), cdt-opaque (cdt with rms_norm and swiglu locked
 Triton kernels, custom ops inductor cannot fuse into the matrix-vector reductions that follow),
 cdt-opaque-rope (rope too; since the "matvec" flag, cdt does this by itself), cdt-pdl / plain-pdl
 (inductor's programmatic dependent launch on top: a kernel starts while the one before finishes),
-cdt-separate / plain-separate (q/k/v and gate/up as separate products: generation.FUSE_SIBLINGS off). The batch-1 loop's replay profile is also in the output.
+cdt-separate / plain-separate (q/k/v and gate/up as separate products: generation.FUSE_SIBLINGS off),
+plain-autotune / cdt-autotune (inductor's GEMM autotuning: its Triton matmul templates against cuBLAS
+for each product, e.g. the batch-8 step's skinny products). The batch-1 loop's replay profile is also in the output.
 
     PYTHONPATH=$PWD python3 scripts/generate_gpu_explore.py --batch 1 8 --steps cdt plain --json $OUT/x.json
 """
@@ -36,7 +38,8 @@ from layerzero import generation  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--batch", type=int, nargs="+", default=[1])
 ap.add_argument("--steps", nargs="*", default=["cdt"], choices=["cdt", "plain", "cdt-opaque", "cdt-opaque-rope", "cdt-pdl", "plain-pdl",
-                                                         "cdt-separate", "plain-separate"])
+                                                         "cdt-separate", "plain-separate", "plain-autotune",
+                                                         "cdt-autotune"])
 ap.add_argument("--ttft", action="store_true")
 ap.add_argument("--rows", type=int, default=14)
 ap.add_argument("--json", default="")
@@ -132,6 +135,10 @@ for b in args.batch:
             opts.clear()
             if variant.startswith("cdt"):
                 opts.update(CDT)
+            if variant.endswith("autotune"):            # inductor's GEMM autotuning (Triton templates vs cuBLAS)
+                opts.setdefault("options", {})
+                opts["options"] = {**opts["options"], "max_autotune_gemm": True,
+                                   "max_autotune_gemm_backends": "TRITON,ATEN"}
             if variant.endswith("pdl"):                 # programmatic dependent launch (sm90+)
                 opts.setdefault("options", {})
                 opts["options"] = {**opts["options"], "triton.enable_pdl": True}
