@@ -13,7 +13,9 @@ cdt-opaque-rope (rope too; since the "matvec" flag, cdt does this by itself), cd
 (inductor's programmatic dependent launch on top: a kernel starts while the one before finishes),
 cdt-separate / plain-separate (q/k/v and gate/up as separate products: generation.FUSE_SIBLINGS off),
 plain-autotune / cdt-autotune (inductor's GEMM autotuning: its Triton matmul templates against cuBLAS
-for each product, e.g. the batch-8 step's skinny products). The batch-1 loop's replay profile is also in the output.
+for each product, e.g. the batch-8 step's skinny products). The batch-1 loop's replay profile is also
+in the output. --warmup-profile: each variant's first call (compile, tuning, capture) under cProfile,
+by cumulative time in dynamo, inductor, Triton and benchmarking.
 
     PYTHONPATH=$PWD python3 scripts/generate_gpu_explore.py --batch 1 8 --steps cdt plain --json $OUT/x.json
 """
@@ -41,6 +43,8 @@ ap.add_argument("--steps", nargs="*", default=["cdt"], choices=["cdt", "plain", 
                                                          "cdt-separate", "plain-separate", "plain-autotune",
                                                          "cdt-autotune"])
 ap.add_argument("--ttft", action="store_true")
+ap.add_argument("--warmup-profile", action="store_true",
+                help="run each variant's first call (compile, tuning, capture) under cProfile and print where it went")
 ap.add_argument("--rows", type=int, default=14)
 ap.add_argument("--json", default="")
 args = ap.parse_args()
@@ -152,7 +156,17 @@ for b in args.batch:
                 lz.lock("rope", "triton.rope")
         lz.reset_metrics()
         try:
+            if args.warmup_profile:
+                pr = cProfile.Profile()
+                pr.enable()
             _, first = timed(lambda: gen(ids, 128))
+            if args.warmup_profile:
+                pr.disable()
+                text = io.StringIO()
+                pstats.Stats(pr, stream=text).sort_stats("cumulative").print_stats(
+                    "inductor|_dynamo|triton|benchmark|layerzero", 40)
+                warm_profile = text.getvalue()[-8000:]
+                print(warm_profile, flush=True)
             times = [timed(lambda: gen(ids, 128))[1] for _ in range(5)]
             _, ttft = timed(lambda: gen(ids, 1))
             ttft = statistics.median(timed(lambda: gen(ids, 1))[1] for _ in range(5))
@@ -163,6 +177,7 @@ for b in args.batch:
                     loop.prefill(ids, torch.ones_like(ids), 128, b, False, False, True)
 
             row = {"what": "step", "variant": variant, "batch": b, "first_call_s": round(first, 2),
+                   **({"warmup_profile": warm_profile} if args.warmup_profile else {}),
                    "tok_per_s": round(b * 128 / statistics.median(times), 1),
                    "generate_ms": round(statistics.median(times) * 1e3, 2), "ttft_ms": round(ttft * 1e3, 2)}
             print(row, flush=True)
