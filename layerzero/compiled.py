@@ -61,9 +61,11 @@ def trace_flags(*flags: str):
 
 
 def _meta(v: Any) -> Any:
-    """A constant standing for one argument: tensors become (shape, dtype, device, requires_grad)."""
+    """A constant standing for one argument: tensors become (shape, dtype, device, requires_grad).
+    (Written for dynamo, which traces it for every argument of every op call in a compiled
+    model: `map`, not generator expressions, whose frames dynamo steps through per item.)"""
     if isinstance(v, torch.Tensor):
-        return ("tensor", tuple(int(s) for s in v.shape), v.dtype, v.device, v.requires_grad)
+        return ("tensor", tuple(map(int, v.shape)), v.dtype, v.device, v.requires_grad)
     return v
 
 
@@ -112,14 +114,26 @@ def _choose(op: str, args: tuple, kwargs: tuple, grad: bool) -> str:
 def _stand_in(op: str, fn: Callable) -> Callable:
     """The function dynamo traces instead of `fn` (= lz.<op>): choose (a constant, which binds
     and validates the arguments), bind, run."""
-    params = tuple((p.name, p.default) for p in inspect.signature(fn).parameters.values())
+    params = inspect.signature(fn).parameters
+    defaults = tuple(p.default for p in params.values())
+    index = {name: i for i, name in enumerate(params)}
+    windowed = op in ("attention", "paged_attention")
 
+    # dynamo traces this body at every lz op call of a compiled model (80 in a 16-layer llama
+    # step): no generator expressions (dynamo steps through their frames per item), the
+    # defaults filled by index, the kernel looked up once per id
     def traced(*args, **kwargs):
-        kid = _choose(op, tuple(_meta(v) for v in args),
-                      tuple((n, _meta(v)) for n, v in kwargs.items()), torch.is_grad_enabled())
-        vals = args + tuple(kwargs.get(n, d) for n, d in params[len(args):])
-        if op in ("attention", "paged_attention") and vals[7] is not None:   # window
-            vals = vals[:7] + (tuple(vals[7]),) + vals[8:]
+        kid = _choose(op, tuple(map(_meta, args)),
+                      tuple(zip(kwargs, map(_meta, kwargs.values()))) if kwargs else (),
+                      torch.is_grad_enabled())
+        if kwargs:
+            vals = list(args) + list(defaults[len(args):])
+            for name, v in kwargs.items():
+                vals[index[name]] = v
+        else:
+            vals = args + defaults[len(args):]
+        if windowed and vals[7] is not None:   # window
+            vals = tuple(vals[:7]) + (tuple(vals[7]),) + tuple(vals[8:])
         return registry.get(kid).fn(*vals)
 
     traced.__name__ = traced.__qualname__ = f"{op}_traced"
