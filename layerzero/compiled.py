@@ -121,7 +121,7 @@ def _stand_in(op: str, fn: Callable) -> Callable:
 
     # dynamo traces this body at every lz op call of a compiled model (80 in a 16-layer llama
     # step): no generator expressions (dynamo steps through their frames per item), the
-    # defaults filled by index, the kernel looked up once per id
+    # defaults filled by index
     def traced(*args, **kwargs):
         kid = _choose(op, tuple(map(_meta, args)),
                       tuple(zip(kwargs, map(_meta, kwargs.values()))) if kwargs else (),

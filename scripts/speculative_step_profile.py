@@ -65,7 +65,7 @@ def main():
             for e in kernels:
                 names[e.name] += e.cpu_time_total if args.tiny else e.device_time_total
             total = sum(names.values())
-            per[(batch, k)] = (len(kernels) / steps, total / steps, names, steps)
+            per[(batch, k)] = (len(kernels) / steps, total / steps)
             print(f"\nbatch {batch} k {k}: {steps} steps (prefill included in totals); {len(kernels) / steps:.0f} "
                   f"kernels and {total / steps / 1e3:.2f} ms GPU time per step; attention: {picked}", flush=True)
             for name, us in names.most_common(args.top):
@@ -74,8 +74,8 @@ def main():
     for batch in args.batch:
         lo, hi = min(args.k), max(args.k)
         if (batch, lo) in per and (batch, hi) in per and hi > lo:
-            n0, t0, _, _ = per[(batch, lo)]
-            n1, t1, _, _ = per[(batch, hi)]
+            n0, t0 = per[(batch, lo)]
+            n1, t1 = per[(batch, hi)]
             print(f"batch {batch}: a draft token: {(n1 - n0) / (hi - lo):.0f} kernels, "
                   f"{(t1 - t0) / (hi - lo) / 1e3:.3f} ms GPU time", flush=True)
 

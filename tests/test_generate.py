@@ -169,9 +169,9 @@ def test_kept_loops_go_with_the_model():
 
 
 def test_a_kept_loop_is_built_again_when_the_weights_moved():
-    """A kept loop's graphs read the weights where they were at the capture: after lz.unpatch put
-    fused sibling weights back in storage of their own, or `param.data = ...`, the next call
-    builds a new loop instead of replaying the old one."""
+    """A kept loop's graphs read the weights where they were at the capture: after `param.data =
+    ...` (or `.to()`; lz.unpatch drops the loops outright), the next call builds a new loop
+    instead of replaying the old one."""
     _, model = _pair("llama")
     model = copy.deepcopy(model)
     ids, mask = _batch()

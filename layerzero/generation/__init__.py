@@ -23,8 +23,9 @@ protocol); a direct call goes through `model.generate` the same way. The loop th
   (`torch.compile(fullgraph=True)`: every kernel decision is made while tracing), captured as a
   CUDA graph per batch size and prompt+new length bucket, and replayed once per token. The graph
   stays with the model for the next call of the same size (`_LOOPS`, the last `KEEP` per model,
-  kept on the model itself: `kept`, so that it goes with the model), and is built again when the
-  model's weights have moved since its capture (`kept.weights_key`: lz.unpatch, `param.data = ...`).
+  kept on the model itself: `kept`, so that it goes with the model; lz.unpatch drops it), and is
+  built again when the model's weights have moved since its capture (`kept.weights_key`:
+  `param.data = ...`, `.to()`).
 - checks for stopping every `CHECK_EVERY` tokens through an asynchronous copy (no host sync per
   token), then cuts the result where transformers' loop would have stopped.
 
