@@ -163,9 +163,11 @@ for b in args.batch:
             if args.warmup_profile:
                 pr.disable()
                 text = io.StringIO()
-                pstats.Stats(pr, stream=text).sort_stats("cumulative").print_stats(
-                    "inductor|_dynamo|triton|benchmark|layerzero", 40)
-                warm_profile = text.getvalue()[-8000:]
+                stats = pstats.Stats(pr, stream=text)
+                stats.sort_stats("cumulative").print_stats(
+                    "inductor|_dynamo|triton|benchmark|layerzero|generation", 60)
+                stats.sort_stats("tottime").print_stats(25)     # where the main process waits
+                warm_profile = text.getvalue()
                 print(warm_profile, flush=True)
             times = [timed(lambda: gen(ids, 128))[1] for _ in range(5)]
             _, ttft = timed(lambda: gen(ids, 1))

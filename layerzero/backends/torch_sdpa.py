@@ -447,6 +447,11 @@ def cuda_reasons(spec, backend) -> list[str]:
     r = _static_cuda(spec, backend)
     if r:
         return r
+    if backend == "efficient" and spec.num_heads != spec.num_kv_heads and torch.cuda.is_available():
+        try:
+            _efficient_native_gqa(torch.cuda.current_device())   # kept for traced calls (see there)
+        except (RuntimeError, AssertionError):   # no usable device after all: asked again at the call
+            pass
     gate = _gate(spec, backend)
     if gate and backend == "efficient" and spec.num_heads != spec.num_kv_heads \
             and not _gate(spec, backend, repeat_kv=True):
@@ -480,10 +485,23 @@ def supports_cudnn(spec) -> list[str]:
     return r + cuda_reasons(spec, "cudnn")
 
 
-@functools.lru_cache(maxsize=None)
+_NATIVE_GQA: dict[int, bool] = {}   # device index -> _efficient_native_gqa's answer
+
+
 def _efficient_native_gqa(device_index: int) -> bool:
-    """Does this torch's memory-efficient kernel take enable_gqa itself (newer torch does)?"""
-    return not _torch_gate("efficient", 1, 4, 2, 16, 16, 64, 64, torch.float16, False, "bool", False, False)
+    """Does this torch's memory-efficient kernel take enable_gqa itself (newer torch does)?
+
+    Asked when selection makes the kernel eligible (`cuda_reasons`), before any tracing: torch's
+    gate builds an `SDPAParams`, which dynamo can't trace (a graph break in every layer, and no
+    CUDA graph for lz.generate's step). Traced code reads the answer from a plain dict; with none
+    kept it repeats K/V heads, which is right on every torch."""
+    known = _NATIVE_GQA.get(device_index)
+    if known is None:
+        if torch.compiler.is_compiling():
+            return False
+        known = _NATIVE_GQA[device_index] = not _torch_gate(
+            "efficient", 1, 4, 2, 16, 16, 64, 64, torch.float16, False, "bool", False, False)
+    return known
 
 
 def sdpa_efficient(q, k, v, attn_mask, is_causal, scale, dropout_p, window, softcap, alibi_slopes,

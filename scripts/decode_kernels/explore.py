@@ -7,8 +7,9 @@ stays in L2:
          its fused form down(silu(gate) * up)), and candidate Triton kernels gemv / gated_gemv
          (gemv.py here) over a sweep of launch configurations
   attn   decode attention, 32 q / 8 kv heads, d64, a (B, 1, 1, L) bool mask over a static
-         cache of L keys: SDPA (what the step runs, cuDNN there) and a candidate split-KV Triton
-         decode kernel (attention.py here) over key splits
+         cache of L keys: SDPA (what the step runs, cuDNN there; each of its kernels forced, with
+         GQA as enable_gqa and packed as query rows of the kv heads) and a candidate split-KV
+         Triton decode kernel (attention.py here) over key splits (not with --quick)
 
 The candidates lost (benchmarks/RESULTS.md, "Issue 13, third session"), so they live here, not
 in the library.
@@ -16,6 +17,7 @@ in the library.
     PYTHONPATH=$PWD python3 scripts/decode_kernels/explore.py --json $OUT/decode_kernels.json
 """
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -25,15 +27,17 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attention as TD  # noqa: E402
+from _timing import copy_bw, graph_us  # noqa: E402
 import gemv as TG  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--json", default="")
 ap.add_argument("--what", nargs="*", default=["gemv", "attn"])
-ap.add_argument("--quick", action="store_true", help="fewer configurations")
+ap.add_argument("--quick", action="store_true", help="fewer configurations; no Triton attention sweep")
 args = ap.parse_args()
 
 dev = "cuda"
@@ -48,50 +52,7 @@ def save():
             json.dump(out, f, indent=1)
 
 
-def graph_us(calls, reps_min=48, replays=10):
-    """Microseconds per call of the callables in `calls`, cycled inside one CUDA graph."""
-    n = max(reps_min, len(calls))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(3):
-            for c in calls:
-                c()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(n):
-            calls[i % len(calls)]()
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(replays):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        best = min(best, e0.elapsed_time(e1) * 1e3 / n)
-    del g
-    return best
-
-
-def copy_bw():
-    n = 1 << 30
-    a = torch.ones(n, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(8):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        b.copy_(a)
-        e1.record()
-        e1.synchronize()
-        best = min(best, e0.elapsed_time(e1) / 1e3)
-    return 2 * n / best
-
-
-out["copy_GBps"] = round(copy_bw() / 1e9, 1)
+out["copy_GBps"] = round(copy_bw(dev) / 1e9, 1)
 print(out, flush=True)
 
 SHAPES = {"q/o": (2048, 2048), "k/v": (512, 2048), "qkv": (3072, 2048), "gate|up": (8192, 2048),
@@ -209,6 +170,31 @@ def run_attn():
                           fullgraph=True, dynamic=False)
         f(q, k0, v0, mask)
         rec["sdpa_compiled_us"] = graph_us([lambda k=k, v=v: f(q, k, v, mask) for k, v in kv])
+        # SDPA's kernels forced one by one, with GQA as enable_gqa and "packed": the G query heads
+        # of a kv head as G query rows of one head (right for one query token: the rows share
+        # their mask), so each kernel reads every K/V head once with no GQA handling
+        qp = q.view(b, hkv, hq // hkv, d)
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                              ("any", None)):
+            for form in ("gqa", "packed"):
+                def call(k, v, backend=backend, form=form):
+                    with contextlib.ExitStack() as st:
+                        if backend is not None:
+                            st.enter_context(sdpa_kernel([backend]))
+                        if form == "gqa":
+                            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+                        return F.scaled_dot_product_attention(qp, k, v, attn_mask=mask).view(b, hq, 1, d)
+                try:
+                    err = (call(k0, v0).float() - ref).abs().max().item()
+                    rec[f"{form}_{name}_us"] = graph_us([lambda k=k, v=v: call(k, v) for k, v in kv])
+                    rec[f"{form}_{name}_err"] = err
+                except Exception as e:
+                    rec[f"{form}_{name}_us"] = repr(e)[:160]
+        if args.quick:
+            print(json.dumps(rec), flush=True)
+            out["attn"].append(rec)
+            save()
+            continue
         res = []
         for splits, bs in itertools.product([1, 2, 4, 8, 16, 32], [16, 32, 64]):
             if splits * 16 > length:
