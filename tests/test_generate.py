@@ -326,3 +326,29 @@ def test_unpatch_drops_the_kept_loops(monkeypatch):
     assert torch.equal(lz.generate(model, ids, attention_mask=mask, **gen), want)
     lz.unpatch(model)          # a model lz.generate patched and ran again: dropped again, no error
     assert lzgen._LOOPS.get(model) is None
+
+
+def test_the_tuned_step_keeps_its_tuning_for_the_next_process(monkeypatch, tmp_path):
+    """The batch-1 step's coordinate-descent tuning is kept in inductor's per-kernel best-config
+    files; a process that hits an FX graph cache entry with the Triton kernels bundled into it
+    tuned every kernel again (H200: 84-96 tuning runs per new process). lz.generate's compile
+    options turn the bundle off for that step, and only there."""
+    from torch._inductor import config, triton_bundler
+
+    from layerzero.generation import loop
+
+    seen = []
+    begin = triton_bundler.TritonBundler.begin_compile.__func__
+
+    def recording(cls):
+        seen.append((config.coordinate_descent_tuning, triton_bundler.TritonBundler.is_enabled()))
+        return begin(cls)
+
+    monkeypatch.setattr(triton_bundler.TritonBundler, "begin_compile", classmethod(recording))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))   # a compile, not a cache hit
+    torch._dynamo.reset()
+    opts = loop.compile_options(lzgen.COMPILE_OPTIONS)
+    torch.compile(lambda x: (x * 2).sin(), fullgraph=True, dynamic=False, **opts)(torch.ones(3))
+    assert seen == [(True, False)]
+    assert loop.compile_options(lzgen.COMPILE_OPTIONS_BATCHED) is lzgen.COMPILE_OPTIONS_BATCHED
+    torch._dynamo.reset()

@@ -61,6 +61,22 @@ def _static_cache(model, max_len: int):
     return _FullStaticCache()
 
 
+
+def compile_options(opts: dict) -> dict:
+    """`opts` for torch.compile; under coordinate-descent tuning, with the Triton kernels kept out
+    of inductor's FX graph cache entries. Inductor keeps each tuned kernel's best config on disk,
+    but a process that hits an entry with the kernels bundled in loads them from the bundle and
+    tunes them all again: on the H200 (1B llama, batch-1 step) 84-96 tuning runs in every new
+    process, 12 with the bundle off, and the first 8-token lz.generate 8.1 s instead of 10.7
+    (benchmarks/RESULTS.md, "Issue 13, eighth session"). Older torch has no such bundle."""
+    inner = opts.get("options", {})
+    if not inner.get("coordinate_descent_tuning") or "bundle_triton_into_fx_graph_cache" in inner:
+        return opts
+    from torch._inductor import config as inductor_config
+    if not hasattr(inductor_config, "bundle_triton_into_fx_graph_cache"):
+        return opts
+    return {**opts, "options": {**inner, "bundle_triton_into_fx_graph_cache": False}}
+
 class _Loop:
     """The buffers, cache and (on CUDA) the captured step of one (batch, length bucket, plan)."""
 
@@ -260,7 +276,7 @@ class _Loop:
         one = self.tok.shape[0] == 1
         try:
             if self.compiled is None:
-                opts = COMPILE_OPTIONS if one else COMPILE_OPTIONS_BATCHED
+                opts = compile_options(COMPILE_OPTIONS if one else COMPILE_OPTIONS_BATCHED)
                 self.compiled = torch.compile(self.step, fullgraph=True, dynamic=False, **opts)
             with trace_flags(*(TRACE_FLAGS if one else TRACE_FLAGS_BATCHED)):
                 self._warm_and_capture()
