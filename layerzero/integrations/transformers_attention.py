@@ -94,6 +94,20 @@ def _with_token_sinks(query, key, value, mask, causal, align, window, sinks):
     return key, value, add
 
 
+def _output_attentions_of(module) -> bool:
+    """`module.config.output_attentions`, read from the config's own fields where transformers 5
+    keeps it (`_output_attentions`, behind a property): through the property, every read goes via
+    the config class's `__getattribute__`, some hundreds of instructions a layer for dynamo to
+    trace in a compiled forward (scripts/trace_cost.py). Other configs: the attribute."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return False
+    fields = vars(config)
+    if "_output_attentions" in fields:
+        return fields["_output_attentions"]
+    return getattr(config, "output_attentions", False)
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention call -> `lz.attention`. Returns (out (B, Sq, Hq, Dv), weights | None).
 
@@ -133,7 +147,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if sinks is None and isinstance(getattr(module, "sinks", None), torch.Tensor):
         sinks = module.sinks
     if output_attentions is None:
-        output_attentions = getattr(getattr(module, "config", None), "output_attentions", False)
+        output_attentions = _output_attentions_of(module)
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
 
@@ -201,7 +215,7 @@ def paged_forward(module, query, k_pages, v_pages, meta, dropout, scaling, kwarg
     sinks = kwargs.pop("s_aux", None)
     output_attentions = kwargs.pop("output_attentions", None)
     if output_attentions is None:
-        output_attentions = getattr(getattr(module, "config", None), "output_attentions", False)
+        output_attentions = _output_attentions_of(module)
     given = [n for n in _NOT_PAGED if kwargs.pop(n, None) is not None]
     token_sinks = kwargs.pop("sinks", None)
     if token_sinks is not None and token_sinks.dim() == 1 and sinks is None:
