@@ -355,7 +355,6 @@ def test_sparse_top_k_indices_and_per_token_sinks_are_applied():
     torch.testing.assert_close(out, eager_token_sinks(causal), atol=1e-5, rtol=1e-5)
 
 
-
 def test_output_attentions_read_from_the_config_as_the_property_gives_it():
     """attention_forward reads config.output_attentions from the config's own field (the property
     costs dynamo hundreds of traced instructions a layer); the value is the property's."""
@@ -372,6 +371,7 @@ def test_output_attentions_read_from_the_config_as_the_property_gives_it():
     assert _output_attentions_of(types.SimpleNamespace(config=cfg)) is True
     assert _output_attentions_of(types.SimpleNamespace(config=types.SimpleNamespace(output_attentions=True)))
     assert _output_attentions_of(types.SimpleNamespace()) is False
+
 
 def test_unknown_kwargs_are_reported():
     q = k = v = torch.randn(1, 2, 3, 8)

@@ -61,7 +61,6 @@ def _static_cache(model, max_len: int):
     return _FullStaticCache()
 
 
-
 def compile_options(opts: dict) -> dict:
     """`opts` for torch.compile; under coordinate-descent tuning, with the Triton kernels kept out
     of inductor's FX graph cache entries. Inductor keeps each tuned kernel's best config on disk,
@@ -76,6 +75,7 @@ def compile_options(opts: dict) -> dict:
     if not hasattr(inductor_config, "bundle_triton_into_fx_graph_cache"):
         return opts
     return {**opts, "options": {**inner, "bundle_triton_into_fx_graph_cache": False}}
+
 
 class _Loop:
     """The buffers, cache and (on CUDA) the captured step of one (batch, length bucket, plan)."""

@@ -1,6 +1,14 @@
 """Timing helpers of the decode-kernel scripts here: microseconds per call inside one CUDA graph,
-and the device's copy bandwidth."""
+and (benchmarks/e2e_generate.py's) the device's copy bandwidth."""
+import os
+import sys
+
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks"))
+from e2e_generate import copy_bandwidth  # noqa: E402
+
+__all__ = ["copy_bandwidth", "graph_us"]
 
 
 def graph_us(calls, reps_min=48, replays=10):
@@ -29,18 +37,3 @@ def graph_us(calls, reps_min=48, replays=10):
         best = min(best, e0.elapsed_time(e1) * 1e3 / n)
     del g
     return best
-
-
-def copy_bw(dev="cuda"):
-    n = 1 << 30
-    a = torch.ones(n, dtype=torch.uint8, device=dev)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(8):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        b.copy_(a)
-        e1.record()
-        e1.synchronize()
-        best = min(best, e0.elapsed_time(e1) / 1e3)
-    return 2 * n / best

@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import attention as TD  # noqa: E402
-from _timing import copy_bw, graph_us  # noqa: E402
+from _timing import copy_bandwidth, graph_us  # noqa: E402
 import gemv as TG  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -52,7 +52,7 @@ def save():
             json.dump(out, f, indent=1)
 
 
-out["copy_GBps"] = round(copy_bw(dev) / 1e9, 1)
+out["copy_GBps"] = round(copy_bandwidth(dev) / 1e9, 1)
 print(out, flush=True)
 
 SHAPES = {"q/o": (2048, 2048), "k/v": (512, 2048), "qkv": (3072, 2048), "gate|up": (8192, 2048),

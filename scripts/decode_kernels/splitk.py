@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import copy_bw, graph_us  # noqa: E402
+from _timing import copy_bandwidth, graph_us  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--json", default="")
@@ -25,7 +25,7 @@ dev, bf = "cuda", torch.bfloat16
 ROTATE = 320 << 20
 SHAPES = {"o": (2048, 2048), "qkv": (3072, 2048), "gate+up": (16384, 2048), "down": (2048, 8192),
           "lm_head": (128256, 2048)}
-out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_GBps": round(copy_bw(dev) / 1e9, 1),
+out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_GBps": round(copy_bandwidth(dev) / 1e9, 1),
        "rows": []}
 print(out, flush=True)
 
