@@ -65,12 +65,15 @@ def counting_replay(self):
 
 
 torch.cuda.CUDAGraph.replay = counting_replay
-try:
-    for _ in range(3):  # replays under sync-debug "error": a sync inside would raise
-        loop.graph.replay()
-    sync_ok = True
-except (RuntimeError, AttributeError) as e:
-    sync_ok = f"{type(e).__name__}: {e}"
+if not loop.graph:
+    sync_ok = "no decode graph: the capture failed (see the traceback above)"
+else:
+    try:
+        for _ in range(3):  # replays under sync-debug "error": a sync inside would raise
+            loop.graph.replay()
+        sync_ok = True
+    except RuntimeError as e:
+        sync_ok = f"{type(e).__name__}: {e}"
 torch.cuda.set_sync_debug_mode(0)
 got2 = lz.generate(m, ids, attention_mask=mask, eos_token_id=eos, **gen)
 torch.cuda.CUDAGraph.replay = real_replay
