@@ -26,6 +26,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
 
+import e2e_transformers as E  # noqa: E402  (its shapes, build, prefill and time_ms)
+
 import layerzero as lz  # noqa: E402
 
 
@@ -75,8 +77,6 @@ def main():
             return compiled(**inputs, return_dict=False)[0]
         flop = None
     else:
-        import e2e_transformers as E
-
         shape = E.SHAPES[args.model]
         model = E.build(shape, "cuda", torch.bfloat16)
         ids = torch.randint(0, shape["vocab_size"], (1, shape["tokens"]), device="cuda",
@@ -95,14 +95,7 @@ def main():
         for _ in range(args.warmup):
             step()
         torch.cuda.synchronize()
-        ms = []
-        for _ in range(args.iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            torch.cuda.synchronize()
-            ms.append(a.elapsed_time(b))
+        ms = E.time_ms(step, args.iters, cuda=True)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.iters):
                 step()

@@ -45,10 +45,10 @@ def _skinny_kernel(X, W, Y, M, N, K, sxm, swn, sym,
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def skinny(x, w, bn, bk, warps, stages, out=None):
+def skinny(x, w, bn, bk, warps, stages):
     m, k = x.shape
     n = w.shape[0]
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype) if out is None else out
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     _skinny_kernel[(triton.cdiv(n, bn),)](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
                                           BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk,
                                           num_warps=warps, num_stages=stages)
